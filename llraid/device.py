@@ -1,0 +1,70 @@
+"""Member devices: regular files or block devices, addressed in bytes with pread/pwrite.
+
+A device is opened once and shared; pread/pwrite take no lock, so many threads can do IO on
+one member at the same time.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from types import TracebackType
+
+from llraid.errors import DeviceError
+
+SECTOR = 512
+
+
+class Device:
+    """An open member device. Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, path: str, *, writable: bool = False) -> None:
+        self.path = path
+        self.writable = writable
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            self.fd = os.open(path, flags)
+        except OSError as e:
+            raise DeviceError(f"{path}: cannot open: {e.strerror}") from None
+        try:
+            st = os.fstat(self.fd)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                raise DeviceError(f"{path}: not a regular file or block device")
+            self.size = os.lseek(self.fd, 0, os.SEEK_END)  # block devices report 0 in st_size
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    @property
+    def sectors(self) -> int:
+        return self.size // SECTOR
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes at ``offset``, or :class:`DeviceError`."""
+        if offset < 0 or offset + length > self.size:
+            raise DeviceError(
+                f"{self.path}: read of {length} bytes at {offset} is past the end ({self.size} bytes)"
+            )
+        try:
+            data = os.pread(self.fd, length, offset)
+        except OSError as e:
+            raise DeviceError(f"{self.path}: read error at byte {offset}: {e.strerror}") from None
+        if len(data) != length:
+            raise DeviceError(f"{self.path}: short read at byte {offset}")
+        return data
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Device:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Device({self.path!r}, {self.size} bytes)"

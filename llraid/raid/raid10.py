@@ -1,0 +1,49 @@
+"""raid10 (near, far and offset copies) on top of :class:`Raid10Geometry`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llraid.errors import AssemblyError
+from llraid.raid.base import MemberIO, NoCopyError
+from llraid.raid.layout import Raid10Geometry
+
+
+@dataclass(frozen=True)
+class Raid10:
+    geo: Raid10Geometry
+    level: int = 10
+
+    @property
+    def raid_disks(self) -> int:
+        return self.geo.raid_disks
+
+    @property
+    def array_sectors(self) -> int:
+        return self.geo.array_sectors
+
+    def check_roles(self, roles: set[int]) -> None:
+        # Which members hold a chunk depends only on (chunk * near) mod raid_disks, so the
+        # first raid_disks chunks show every copy set the array has.
+        for chunk in range(self.geo.raid_disks):
+            copies = self.geo.find_phys(chunk * self.geo.chunk_sectors)
+            if not any(role in roles for role, _ in copies):
+                held = sorted({role for role, _ in copies})
+                raise AssemblyError(
+                    f"too few members to read: every copy of array chunk {chunk} is missing (roles {held})"
+                )
+
+    def read(self, io: MemberIO, sector: int, count: int) -> bytes:
+        out = bytearray()
+        chunk = self.geo.chunk_sectors
+        end = sector + count
+        while sector < end:
+            n = min(end - sector, chunk - sector % chunk)  # copies are contiguous within a chunk
+            for role, msector in self.geo.find_phys(sector):
+                if io.available(role, msector, n):
+                    out += io.read(role, msector, n)
+                    break
+            else:
+                raise NoCopyError(f"no in-sync copy of array sectors {sector}..{sector + n - 1}")
+            sector += n
+        return bytes(out)

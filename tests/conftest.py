@@ -1,0 +1,41 @@
+"""Shared test fixtures: the kernel-made member images, unpacked once per session.
+
+The images are read in place from ``../shared/fixtures`` (or ``$LLRAID_FIXTURES``) and
+decompressed into a session temp dir as sparse files; tests never change them. A test that
+needs to damage a member makes its own copy with :func:`llraid.fixtures.copy_sparse`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from llraid.fixtures import Fixture, load_fixtures
+
+os.environ["TZ"] = "UTC"  # mdadm printed the fixtures' times in the VM's UTC
+time.tzset()
+
+ALL = load_fixtures()
+BY_NAME = {f.name: f for f in ALL}
+MEMBERS = [(f.name, i) for f in ALL for i in range(len(f.members))]
+
+
+@pytest.fixture(scope="session")
+def unpacked(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], list[Path]]:
+    root = tmp_path_factory.mktemp("fixtures")
+    cache: dict[str, list[Path]] = {}
+
+    def get(name: str) -> list[Path]:
+        if name not in cache:
+            cache[name] = BY_NAME[name].unpack(root / name)
+        return cache[name]
+
+    return get
+
+
+def fixture(name: str) -> Fixture:
+    return BY_NAME[name]
