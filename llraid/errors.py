@@ -36,3 +36,7 @@ class AssemblyError(LlraidError):
 
 class DeviceError(LlraidError):
     """A member device that cannot be opened, read or is too small."""
+
+
+class BitmapIOError(LlraidError):
+    """The bitmap could not be read from, or written to, any member."""
