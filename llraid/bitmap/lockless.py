@@ -122,8 +122,12 @@ for _s, _row in enumerate(TABLE):
     for _a, _new in enumerate(_row):
         _LOOKUP[_a, _s] = _new
 _MARKING = (_D, _NS, _NSU)  # new states written eagerly
-# States in which Startwrite changes nothing: the lock-free fast path.
-_WRITE_NOOP = bytes(1 if s < len(TABLE) and TABLE[s][Action.STARTWRITE] == NONE else 0 for s in range(256))
+# States in which Startwrite changes nothing: the lock-free fast path (2: NeedSync, which
+# still asks for a resync when the array is not degraded, as the upstream state machine does).
+_WRITE_NOOP = bytes(
+    (2 if s == _NS else 1) if s < len(TABLE) and TABLE[s][Action.STARTWRITE] == NONE else 0
+    for s in range(256)
+)
 
 
 def mdadm_chunksize(sync_size: int) -> int:
@@ -430,10 +434,16 @@ class LocklessBitmap(Bitmap):
             self._raise_barrier(page)
         # Fast path: no lock, no IO (see INVARIANT in the module docstring).
         area, gen, durable, shift, noop = self.area, self._gen, self._durable, self._block_shift, _WRITE_NOOP
+        need_sync = False
         for pos in range(DATA_OFFSET + first, DATA_OFFSET + last + 1):
-            if not noop[area[pos]]:
+            v = noop[area[pos]]
+            if not v:
                 break
+            if v == 2:
+                need_sync = True
         else:
+            if need_sync and not self.host.is_degraded():
+                self.host.request_sync()
             return any(
                 gen[b] != durable[b]
                 for b in range((DATA_OFFSET + first) >> shift, ((DATA_OFFSET + last) >> shift) + 1)

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llraid.errors import AssemblyError
-from llraid.raid.base import MemberIO, NoCopyError
+from llraid.raid.base import MirrorPersonality, Piece
 from llraid.raid.layout import Raid10Geometry
 
 
 @dataclass(frozen=True)
-class Raid10:
+class Raid10(MirrorPersonality):
     geo: Raid10Geometry
     level: int = 10
 
@@ -21,6 +21,10 @@ class Raid10:
     @property
     def array_sectors(self) -> int:
         return self.geo.array_sectors
+
+    @property
+    def sync_sectors(self) -> int:
+        return self.geo.array_sectors  # raid10 resyncs (and its bitmap covers) array sectors
 
     def check_roles(self, roles: set[int]) -> None:
         # Which members hold a chunk depends only on (chunk * near) mod raid_disks, so the
@@ -33,17 +37,18 @@ class Raid10:
                     f"too few members to read: every copy of array chunk {chunk} is missing (roles {held})"
                 )
 
-    def read(self, io: MemberIO, sector: int, count: int) -> bytes:
-        out = bytearray()
+    def pieces(self, sector: int, count: int) -> list[Piece]:
+        out = []
         chunk = self.geo.chunk_sectors
         end = sector + count
         while sector < end:
             n = min(end - sector, chunk - sector % chunk)  # copies are contiguous within a chunk
-            for role, msector in self.geo.find_phys(sector):
-                if io.available(role, msector, n):
-                    out += io.read(role, msector, n)
-                    break
-            else:
-                raise NoCopyError(f"no in-sync copy of array sectors {sector}..{sector + n - 1}")
+            out.append(Piece(sector, n, tuple(self.geo.find_phys(sector))))
             sector += n
-        return bytes(out)
+        return out
+
+    def member_to_sync(self, role: int, msector: int) -> int | None:
+        if msector >= self.geo.dev_sectors:
+            return None
+        v = self.geo.find_virt(msector, role)
+        return v if v < self.geo.array_sectors else None  # incomplete last row: nothing there

@@ -1,0 +1,770 @@
+"""The array (md's ``mddev``): members, state, superblocks, and the IO path.
+
+An :class:`Array` is assembled from member devices, validated as mdadm does (see
+:mod:`llraid.assemble`), and then owns them: it reads and writes array sectors through its
+personality (raid1, raid10) and its bitmap (none, classic, lockless), keeps the array state
+md keeps (clean/active, events, resync checkpoint, per-member recovery offsets, roles) and
+writes every member's superblock whenever that state changes.
+
+Write path (one request; many may run at once, none takes an array-wide lock):
+
+1. ``_writes`` gets a reference (md's writes_pending); if the array is marked clean, it is first
+   marked active and the superblocks are written (md_write_start), so a crash during the write
+   is seen as unclean;
+2. the sync barrier of each touched bucket is entered (a resync never copies a range while a
+   write to it is in flight, and writes wait while a range is being synced);
+3. bitmap ``start_write`` and, if asked, ``unplug``: the write intent is durable first;
+4. data to every copy whose member is in sync or recovering (``RWF_DSYNC`` for FUA);
+5. bitmap ``end_write``, barrier and reference released.
+
+A member whose write fails is marked faulty (superblocks of the others updated first, so the
+failed copy can never be trusted again) and the array goes on degraded; a write that reached no
+copy of some sector fails. A read that fails on one copy is served from another and the bad copy
+is rewritten (md's fix_read_error); if that rewrite fails too the member is marked faulty.
+
+Safe mode: after ``safe_mode_delay`` seconds without writes the array is marked clean again
+(superblocks say "clean"), exactly as md does, so an idle array survives a crash without resync.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from llraid.assemble import check_member, make_personality
+from llraid.bitmap.base import Bitmap, NoBitmap
+from llraid.bitmap.classic import ClassicBitmap
+from llraid.bitmap.lockless import LocklessBitmap
+from llraid.bitmap.store import BitmapStore, BitmapTarget
+from llraid.device import SECTOR, Device
+from llraid.errors import AssemblyError, DeviceError, LlraidError
+from llraid.format.bitmap import BitmapKind
+from llraid.format.superblock import (
+    MAX_SECTOR,
+    ROLE_FAULTY,
+    ROLE_MAX,
+    ROLE_SPARE,
+    Feature,
+    Superblock1,
+    format_uuid,
+)
+from llraid.member import Member, open_member
+from llraid.raid.base import MirrorPersonality, Piece
+
+if TYPE_CHECKING:
+    from llraid.sync import SyncStats
+
+SAFE_MODE_DELAY = 0.2  # md's default: mark clean 200 ms after the last write
+BUCKET_SHIFT = 7  # sync barrier granularity: 128 sectors (64 KiB), the llbitmap minimum chunk
+NR_BUCKETS = 1024
+
+
+class IOFailure(LlraidError):
+    """A read or write that no member could serve."""
+
+
+class RdevState(enum.Enum):
+    IN_SYNC = "in_sync"
+    RECOVERING = "recovering"  # has a slot, being rebuilt; valid below recovery_offset
+    FAULTY = "faulty"
+    SPARE = "spare"
+
+
+@dataclass
+class Rdev:
+    """One member device in the running array (md's md_rdev)."""
+
+    member: Member
+    state: RdevState
+    role: int | None
+    recovery_offset: int = 0  # member data sectors already rebuilt (RECOVERING only)
+    bitmap_sync: bool = False  # a re-added member: recover only what the bitmap marks
+    target: BitmapTarget | None = None
+    corrected_reads: int = 0
+
+    @property
+    def path(self) -> str:
+        return self.member.path
+
+    @property
+    def device(self) -> Device:
+        return self.member.device
+
+    @property
+    def sb(self) -> Superblock1:
+        return self.member.sb
+
+    @property
+    def data_offset_bytes(self) -> int:
+        return self.member.sb.data_offset * SECTOR
+
+
+@dataclass
+class ArrayCounters:
+    """What the array did, for tests, ``detail`` and the benchmark."""
+
+    member_read: dict[str, int] = field(default_factory=dict)  # bytes per member path
+    member_written: dict[str, int] = field(default_factory=dict)
+    sb_writes: int = 0
+    read_errors_corrected: int = 0
+
+
+class _Buckets:
+    """Sync barrier per bucket of 128 sectors: a lock-free counter for writers, a flag for sync.
+
+    Writers append to ``pending[b]`` and then check ``barrier[b]``; the sync thread sets
+    ``barrier[b]`` and then waits for ``pending[b]`` to empty. Whatever the interleaving, either
+    the writer sees the barrier and backs off, or the sync thread sees the writer and waits.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list[list[None]] = [[] for _ in range(NR_BUCKETS)]
+        self.barrier = [False] * NR_BUCKETS
+        self.cond = threading.Condition()
+
+    @staticmethod
+    def of(sector: int, count: int) -> list[int]:
+        first, last = sector >> BUCKET_SHIFT, (sector + max(count, 1) - 1) >> BUCKET_SHIFT
+        if last - first + 1 >= NR_BUCKETS:
+            return list(range(NR_BUCKETS))
+        return sorted({b % NR_BUCKETS for b in range(first, last + 1)})
+
+    def enter(self, buckets: list[int]) -> None:
+        for b in buckets:
+            pend = self.pending[b]
+            while True:
+                pend.append(None)
+                if not self.barrier[b]:
+                    break
+                pend.pop()
+                with self.cond:
+                    self.cond.notify_all()
+                    self.cond.wait_for(lambda b=b: not self.barrier[b])  # type: ignore[misc]
+
+    def leave(self, buckets: list[int]) -> None:
+        for b in buckets:
+            self.pending[b].pop()
+            if self.barrier[b] and not self.pending[b]:
+                with self.cond:
+                    self.cond.notify_all()
+
+    def raise_barrier(self, buckets: list[int]) -> None:
+        for b in buckets:
+            self.barrier[b] = True
+        with self.cond:
+            self.cond.wait_for(lambda: not any(self.pending[b] for b in buckets))
+
+    def lower_barrier(self, buckets: list[int]) -> None:
+        for b in buckets:
+            self.barrier[b] = False
+        with self.cond:
+            self.cond.notify_all()
+
+
+class Array:
+    """A running md array on member devices."""
+
+    def __init__(self, sb: Superblock1, rdevs: list[Rdev], *, readonly: bool = False) -> None:
+        self.sb = sb  # reference superblock: geometry and identity
+        self.rdevs = rdevs
+        self.readonly = readonly
+        self.personality = make_personality(sb)
+        if not isinstance(self.personality, MirrorPersonality):
+            self.mirror: MirrorPersonality | None = None
+        else:
+            self.mirror = self.personality
+        self.events = sb.events
+        self.resync_cp = sb.resync_offset  # MAX_SECTOR: nothing to resync
+        self._in_sync = sb.is_clean  # md's in_sync: superblocks say "clean"
+        self.counters = ArrayCounters()
+        self._sb_lock = threading.RLock()  # superblock writes and member state changes
+        self._writes: list[None] = []  # writes in flight (md's writes_pending)
+        self._last_write = 0.0
+        self.safe_mode_delay = SAFE_MODE_DELAY
+        self._buckets = _Buckets()
+        self.bitmap: Bitmap = NoBitmap()
+        self.sync_requested = False
+        self._closed = False
+        self._md_thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._rr = 0  # read balancing
+        self.last_sync: SyncStats | None = None
+        self.fault_log: list[tuple[str, str]] = []  # (member, why) for every member failed
+
+    # ---- assembly ------------------------------------------------------------------------------
+
+    @classmethod
+    def assemble(
+        cls,
+        paths: Sequence[str],
+        *,
+        run: bool = False,
+        force: bool = False,
+        readonly: bool = False,
+        bitmap_threads: bool = True,
+    ) -> Array:
+        """Open and validate members, load the bitmap; refuses a degraded start unless ``run``."""
+        members: list[Member] = []
+        try:
+            for p in paths:
+                members.append(open_member(p, writable=not readonly))
+            array = cls._from_members(members, run=run, force=force, readonly=readonly)
+        except BaseException:
+            for m in members:
+                m.device.close()
+            raise
+        if bitmap_threads and not readonly:
+            array.bitmap.start_daemon()
+        return array
+
+    @classmethod
+    def _from_members(cls, members: list[Member], *, run: bool, force: bool, readonly: bool) -> Array:
+        from llraid.assemble import assemble as validate
+
+        asm = validate(members, force=force)
+        ref = asm.sb
+        if ref.level not in (1, 10):
+            raise AssemblyError(
+                f"read-write assembly supports raid1 and raid10; this array is raid{ref.level}"
+            )
+        rdevs: list[Rdev] = []
+        for role, slot in sorted(asm.slots.items()):
+            m = slot.member
+            if slot.in_sync_below >= ref.size:
+                rdevs.append(Rdev(m, RdevState.IN_SYNC, role))
+            else:  # an interrupted recovery: continue where it stopped
+                bitmap_sync = bool(m.sb.feature_map & Feature.RECOVERY_BITMAP)
+                rdevs.append(Rdev(m, RdevState.RECOVERING, role, slot.in_sync_below, bitmap_sync))
+        for m in asm.spares:
+            rdevs.append(Rdev(m, RdevState.SPARE, None))
+        for m in asm.stale:
+            m.device.close()  # kicked as non-fresh; re-add it to bring it back
+        array = cls(ref, rdevs, readonly=readonly)
+        missing = [r for r in range(ref.raid_disks) if r not in {d.role for d in array.active()}]
+        if missing and not run:
+            kicked = "".join(f"; {m.path} is stale (events {m.sb.events} < {ref.events})" for m in asm.stale)
+            raise AssemblyError(
+                f"array would start degraded ({ref.raid_disks - len(missing)} of {ref.raid_disks} members, "
+                f"roles {missing} missing{kicked}); use --run to start it anyway"
+            )
+        array._open_bitmap(force=force)
+        return array
+
+    def _open_bitmap(self, *, force: bool) -> None:
+        ref = self.sb
+        if not ref.has_bitmap:
+            self.bitmap = NoBitmap()
+            self._refresh_bitmap_targets()
+            return
+        store = BitmapStore([], on_error=self._bitmap_io_error)
+        self._store = store
+        self._refresh_bitmap_targets()
+        first = store.targets[0] if store.targets else None
+        if first is None:
+            raise AssemblyError("no member left to read the bitmap from")
+        from llraid.format.bitmap import BitmapSuper
+
+        bsb = BitmapSuper.parse(store.read(0, 256))
+        sync_size = self.sync_sectors
+        if bsb.kind is BitmapKind.LOCKLESS:
+            self.bitmap = LocklessBitmap.open(
+                store, self, array_uuid=ref.set_uuid, sync_size=sync_size, events=self.events,
+                bitmap_offset=ref.bitmap_offset,
+            )  # fmt: skip
+        else:
+            self.bitmap = ClassicBitmap.open(
+                store, self, array_uuid=ref.set_uuid, sync_size=sync_size, events=self.events,
+                resync_offset=self.resync_cp,
+            )  # fmt: skip
+        self.bitmap.load()
+
+    def _refresh_bitmap_targets(self) -> None:
+        """The bitmap lives on every member that has a slot and is not faulty."""
+        store = getattr(self, "_store", None)
+        if store is None:
+            return
+        targets = []
+        for d in sorted(self.rdevs, key=lambda r: (r.state is not RdevState.IN_SYNC, r.role or 0)):
+            if d.role is None or d.state is RdevState.FAULTY:
+                continue
+            if d.target is None:
+                d.target = BitmapTarget(d.device, (d.sb.super_offset + d.sb.bitmap_offset) * SECTOR)
+            targets.append(d.target)
+        store.targets = targets
+
+    def _bitmap_io_error(self, target: BitmapTarget, err: OSError) -> None:
+        for d in self.rdevs:
+            if d.target is target:
+                self.fail(d, reason=f"bitmap IO error: {err.strerror or err}")
+
+    # ---- facts ---------------------------------------------------------------------------------------
+
+    @property
+    def level(self) -> int:
+        return self.sb.level
+
+    @property
+    def raid_disks(self) -> int:
+        return self.sb.raid_disks
+
+    @property
+    def uuid(self) -> str:
+        return format_uuid(self.sb.set_uuid)
+
+    @property
+    def array_sectors(self) -> int:
+        return self.personality.array_sectors
+
+    @property
+    def array_bytes(self) -> int:
+        return self.array_sectors * SECTOR
+
+    @property
+    def sync_sectors(self) -> int:
+        assert self.mirror is not None
+        return self.mirror.sync_sectors
+
+    @property
+    def dev_sectors(self) -> int:
+        """Member data sectors in use (md's dev_sectors)."""
+        return self.sb.size
+
+    @property
+    def in_sync(self) -> bool:
+        return self._in_sync
+
+    def active(self) -> list[Rdev]:
+        """Members in a slot and in sync."""
+        return [d for d in self.rdevs if d.state is RdevState.IN_SYNC]
+
+    def by_role(self, role: int) -> Rdev | None:
+        for d in self.rdevs:
+            if d.role == role and d.state in (RdevState.IN_SYNC, RdevState.RECOVERING):
+                return d
+        return None
+
+    def is_degraded(self) -> bool:
+        """BitmapHost: fewer in-sync members than slots (md's mddev->degraded != 0)."""
+        return len({d.role for d in self.active()}) < self.raid_disks
+
+    def request_sync(self) -> None:
+        """BitmapHost: chunks now need a resync."""
+        self.sync_requested = True
+
+    # ---- MemberIO for the personality -----------------------------------------------------------------
+
+    def available(self, role: int, sector: int, count: int) -> bool:
+        d = self.by_role(role)
+        if d is None:
+            return False
+        return d.state is RdevState.IN_SYNC or sector + count <= d.recovery_offset
+
+    def read_member(self, d: Rdev, msector: int, count: int) -> bytes:
+        data = d.device.pread(d.data_offset_bytes + msector * SECTOR, count * SECTOR)
+        self.counters.member_read[d.path] = self.counters.member_read.get(d.path, 0) + len(data)
+        return data
+
+    def write_member(self, d: Rdev, msector: int, data: bytes | memoryview, *, fua: bool = False) -> None:
+        off = d.data_offset_bytes + msector * SECTOR
+        try:
+            if fua:
+                n = os.pwritev(d.device.fd, [data], off, os.RWF_DSYNC)
+            else:
+                n = os.pwrite(d.device.fd, data, off)
+        except OSError as e:
+            raise DeviceError(f"{d.path}: write error at byte {off}: {e.strerror}") from None
+        if n != len(data):
+            raise DeviceError(f"{d.path}: short write at byte {off}")
+        self.counters.member_written[d.path] = self.counters.member_written.get(d.path, 0) + n
+
+    # ---- IO path ---------------------------------------------------------------------------------------
+
+    def _check_range(self, sector: int, count: int) -> None:
+        if sector < 0 or count < 0 or sector + count > self.array_sectors:
+            raise IOFailure(
+                f"sectors {sector}..{sector + count} are outside the array ({self.array_sectors} sectors)"
+            )
+
+    def read(self, sector: int, count: int) -> bytes:
+        """``count`` array sectors; a failed copy is served from another and rewritten."""
+        self._check_range(sector, count)
+        assert self.mirror is not None
+        out = bytearray()
+        # Balance reads only while every copy is known to agree.
+        balance = self.resync_cp == MAX_SECTOR and not self.sync_requested
+        for p in self.mirror.pieces(sector, count):
+            out += self._read_piece(p, balance)
+        return bytes(out)
+
+    def _read_piece(self, p: Piece, balance: bool) -> bytes:
+        copies = [(self.by_role(r), ms) for r, ms in p.copies if self.available(r, ms, p.count)]
+        if balance and len(copies) > 1:
+            k = (p.sector >> BUCKET_SHIFT) % len(copies)
+            copies = copies[k:] + copies[:k]
+        bad: list[tuple[Rdev, int]] = []
+        for d, ms in copies:
+            assert d is not None
+            try:
+                data = self.read_member(d, ms, p.count)
+            except DeviceError:
+                bad.append((d, ms))
+                continue
+            for bd, bms in bad:
+                self._fix_read_error(bd, bms, data)
+            return data
+        raise IOFailure(f"no member could read array sectors {p.sector}..{p.sector + p.count - 1}")
+
+    def _fix_read_error(self, d: Rdev, msector: int, good: bytes) -> None:
+        try:
+            self.write_member(d, msector, good)
+            d.corrected_reads += 1
+            self.counters.read_errors_corrected += 1
+        except DeviceError as e:
+            self.fail(d, reason=str(e))
+
+    def read_bytes(self, offset: int, length: int) -> bytes:
+        first, last = offset // SECTOR, (offset + length + SECTOR - 1) // SECTOR
+        data = self.read(first, last - first)
+        return data[offset - first * SECTOR : offset - first * SECTOR + length]
+
+    def write(self, sector: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
+        """Write whole sectors; returns only when every copy is written (durably with ``fua``)."""
+        if self.readonly:
+            raise IOFailure("array is read-only")
+        if len(data) % SECTOR:
+            raise IOFailure(f"write of {len(data)} bytes is not a whole number of sectors")
+        count = len(data) // SECTOR
+        self._check_range(sector, count)
+        if count == 0:
+            return
+        assert self.mirror is not None
+        view = memoryview(data)
+        self._writes.append(None)
+        try:
+            if self._in_sync:
+                self._mark_dirty()
+            buckets = self._buckets.of(sector, count)
+            self._buckets.enter(buckets)
+            try:
+                boff, bcount = self.mirror.bitmap_range(sector, count)
+                if self.bitmap.start_write(boff, bcount):
+                    self.bitmap.unplug()
+                try:
+                    self._write_pieces(self.mirror.pieces(sector, count), sector, view, fua)
+                finally:
+                    self.bitmap.end_write(boff, bcount)
+            finally:
+                self._buckets.leave(buckets)
+        finally:
+            self._last_write = time.monotonic()
+            self._writes.pop()
+
+    def _write_pieces(self, pieces: list[Piece], base: int, view: memoryview, fua: bool) -> None:
+        for p in pieces:
+            chunk = view[(p.sector - base) * SECTOR : (p.sector - base + p.count) * SECTOR]
+            written = 0
+            for role, ms in p.copies:
+                d = self.by_role(role)
+                if d is None:
+                    continue
+                try:
+                    self.write_member(d, ms, chunk, fua=fua)
+                    written += 1
+                except DeviceError as e:
+                    self.fail(d, reason=str(e))
+            if not written:
+                raise IOFailure(f"no member could write array sectors {p.sector}..{p.sector + p.count - 1}")
+
+    def write_bytes(self, offset: int, data: bytes) -> None:
+        """Any alignment: partial sectors are read, merged and written back (not atomic)."""
+        first, last = offset // SECTOR, (offset + len(data) + SECTOR - 1) // SECTOR
+        if offset % SECTOR or len(data) % SECTOR:
+            buf = bytearray(self.read(first, last - first))
+            buf[offset - first * SECTOR : offset - first * SECTOR + len(data)] = data
+            data = bytes(buf)
+        self.write(first, data)
+
+    def flush(self) -> None:
+        """Make every completed write durable on every member (NBD FLUSH)."""
+        for d in self.rdevs:
+            if d.role is not None and d.state is not RdevState.FAULTY:
+                try:
+                    os.fdatasync(d.device.fd)
+                except OSError as e:
+                    self.fail(d, reason=f"flush failed: {e.strerror}")
+
+    def discard(self, sector: int, count: int) -> None:
+        """The range holds no data any more: whole bitmap chunks go back to Unwritten.
+
+        Member data is left as it is (files keep their bytes), so reads of a discarded range
+        return what was there; clients must not rely on its content, as with any TRIM.
+        """
+        self._check_range(sector, count)
+        assert self.mirror is not None
+        boff, bcount = self.mirror.bitmap_range(sector, count)
+        buckets = self._buckets.of(sector, count)
+        self._buckets.enter(buckets)
+        try:
+            self.bitmap.start_discard(boff, bcount)
+            self.bitmap.end_discard(boff, bcount)
+        finally:
+            self._buckets.leave(buckets)
+
+    # ---- array state and superblocks -------------------------------------------------------------------
+
+    def _mark_dirty(self) -> None:
+        with self._sb_lock:
+            if self._in_sync:
+                self._in_sync = False
+                self.update_sb()
+
+    def try_mark_clean(self) -> bool:
+        """Safe mode: mark clean if no write is in flight (and none arrived while checking)."""
+        with self._sb_lock:
+            if self._in_sync or self.readonly or self._closed:
+                return False
+            if self._writes or time.monotonic() - self._last_write < self.safe_mode_delay:
+                return False
+            self._in_sync = True
+            if self._writes:  # a writer slipped in: it saw in_sync False or waits for our lock
+                self._in_sync = False
+                return False
+            self.update_sb()
+            return True
+
+    def _role_table(self, max_dev: int) -> tuple[int, ...]:
+        roles = [ROLE_SPARE] * max_dev
+        for d in self.rdevs:
+            n = d.sb.dev_number
+            if n >= max_dev:
+                continue
+            if d.state is RdevState.FAULTY:
+                roles[n] = ROLE_FAULTY
+            elif d.role is not None:
+                roles[n] = d.role
+        return tuple(roles)
+
+    def _sb_for(self, d: Rdev, max_dev: int, now: int) -> Superblock1:
+        import dataclasses
+
+        fm = d.sb.feature_map & ~(
+            Feature.BITMAP_OFFSET | Feature.RECOVERY_OFFSET | Feature.RECOVERY_BITMAP | Feature.REPLACEMENT
+        )
+        if self.sb.has_bitmap:
+            fm |= Feature.BITMAP_OFFSET
+        recovery = 0
+        if d.state is RdevState.RECOVERING:
+            fm |= Feature.RECOVERY_OFFSET
+            if d.bitmap_sync and self.sb.has_bitmap:
+                fm |= Feature.RECOVERY_BITMAP
+            recovery = d.recovery_offset
+        return dataclasses.replace(
+            d.sb,
+            feature_map=fm,
+            utime=now,
+            events=self.events,
+            resync_offset=self.resync_cp if self._in_sync else 0,
+            recovery_offset=recovery,
+            max_dev=max_dev,
+            dev_roles=self._role_table(max_dev),
+            size=self.sb.size,
+            cnt_corrected_read=d.sb.cnt_corrected_read + d.corrected_reads,
+        ).with_checksum()
+
+    def update_sb(self) -> None:
+        """md_update_sb: bump events, write the bitmap superblock, then every member's."""
+        with self._sb_lock:
+            self.events += 1
+            self.bitmap.update_sb(self.events)
+            max_dev = max([self.sb.max_dev] + [d.sb.dev_number + 1 for d in self.rdevs])
+            now = int(time.time())
+            for d in self.rdevs:
+                if d.state is RdevState.FAULTY:
+                    continue  # a faulty member is never told anything again
+                new = self._sb_for(d, max_dev, now)
+                raw = new.build()
+                raw += bytes(-len(raw) % SECTOR)
+                try:
+                    os.pwrite(d.device.fd, raw, new.super_offset * SECTOR)
+                    os.fdatasync(d.device.fd)
+                except OSError as e:
+                    d.state = RdevState.FAULTY
+                    self._refresh_bitmap_targets()
+                    raise IOFailure(f"{d.path}: superblock write failed: {e.strerror}") from None
+                d.member.sb = new
+                d.corrected_reads = 0
+                self.counters.sb_writes += 1
+            self.sb = next((d.sb for d in self.rdevs if d.state is RdevState.IN_SYNC), self.sb)
+
+    # ---- member management -----------------------------------------------------------------------------
+
+    def _find(self, which: Rdev | str | int) -> Rdev:
+        if isinstance(which, Rdev):
+            return which
+        for d in self.rdevs:
+            if (isinstance(which, int) and d.role == which and d.state is not RdevState.SPARE) or (
+                isinstance(which, str) and os.path.realpath(d.path) == os.path.realpath(which)
+            ):
+                return d
+        raise LlraidError(f"no member {which!r} in this array")
+
+    def fail(self, which: Rdev | str | int, reason: str = "failed by request") -> Rdev:
+        """md_error: the member is faulty from now on; the others' superblocks say so."""
+        with self._sb_lock:
+            d = self._find(which)
+            if d.state is RdevState.FAULTY:
+                return d
+            if d.state is RdevState.IN_SYNC and len(self.active()) == 1 and d.role is not None:
+                # md never fails the last copy: reads must go on. The error surfaces to the caller.
+                raise IOFailure(f"{d.path}: {reason} (last in-sync member, not failed)")
+            d.state = RdevState.FAULTY
+            if d.target is not None:
+                d.target.failed = True
+            self.fault_log.append((d.path, reason))
+            self._refresh_bitmap_targets()
+            self.update_sb()
+            return d
+
+    def remove(self, which: Rdev | str | int) -> None:
+        """Take a faulty or spare member out of the array (md's hot-remove)."""
+        with self._sb_lock:
+            d = self._find(which)
+            if d.state not in (RdevState.FAULTY, RdevState.SPARE):
+                raise LlraidError(f"{d.path} is {d.state.value}: fail it first")
+            self.rdevs.remove(d)
+            d.device.close()
+            self._refresh_bitmap_targets()
+            self.update_sb()
+
+    def re_add(self, path: str) -> Rdev:
+        """Bring back a member that left this array: with a bitmap, recover only what it missed."""
+        with self._sb_lock:
+            m = open_member(path, writable=True)
+            try:
+                check_member(m)
+                if m.sb.set_uuid != self.sb.set_uuid:
+                    raise LlraidError(
+                        f"{path} belongs to array {format_uuid(m.sb.set_uuid)}, not {self.uuid}"
+                    )
+                if any(d.sb.dev_number == m.sb.dev_number for d in self.rdevs):
+                    raise LlraidError(f"{path}: device number {m.sb.dev_number} is already in the array")
+                role = m.sb.role
+                if role >= ROLE_MAX or role >= self.raid_disks or self.by_role(role) is not None:
+                    raise LlraidError(
+                        f"{path}: its old role is taken or unknown; add it as a new spare instead"
+                    )
+                if m.sb.events > self.events:
+                    raise LlraidError(
+                        f"{path} is newer than the array (events {m.sb.events} > {self.events})"
+                    )
+            except BaseException:
+                m.device.close()
+                raise
+            # Bitmap-guided only if the bitmap has been tracking everything since it left.
+            bitmap_sync = not isinstance(self.bitmap, NoBitmap) and m.sb.events >= getattr(
+                self.bitmap, "events_cleared", 0
+            )
+            d = Rdev(m, RdevState.RECOVERING, role, 0, bitmap_sync)
+            self.rdevs.append(d)
+            self._refresh_bitmap_targets()
+            self.update_sb()
+            self.sync_requested = True
+            return d
+
+    def add_spare(self, path: str, *, force: bool = False) -> Rdev:
+        """Add a new member: it takes a free slot (if any) and is fully recovered."""
+        from llraid.create import new_member_superblock
+
+        with self._sb_lock:
+            used = {d.sb.dev_number for d in self.rdevs}
+            dev_number = next(i for i in range(len(used) + 1) if i not in used)
+            device = Device(path, writable=True)
+            try:
+                sb = new_member_superblock(self.sb, device, dev_number, force=force)
+                raw = sb.build()
+                os.pwrite(device.fd, raw + bytes(-len(raw) % SECTOR), sb.super_offset * SECTOR)
+                if self.sb.has_bitmap and self.bitmap is not None:
+                    # The bitmap area must hold a copy before this member is read from.
+                    os.pwrite(
+                        device.fd, bytes(self.bitmap_area()), (sb.super_offset + sb.bitmap_offset) * SECTOR
+                    )
+                os.fdatasync(device.fd)
+                m = Member(device, sb)
+            except BaseException:
+                device.close()
+                raise
+            free = [r for r in range(self.raid_disks) if self.by_role(r) is None]
+            d = Rdev(m, RdevState.RECOVERING, free[0], 0, False) if free else Rdev(m, RdevState.SPARE, None)
+            self.rdevs.append(d)
+            self._refresh_bitmap_targets()
+            self.update_sb()
+            if free:
+                self.sync_requested = True
+            return d
+
+    def bitmap_area(self) -> bytes:
+        area = getattr(self.bitmap, "area", None)
+        if area is None:
+            return self._store.read(0, 4096) if hasattr(self, "_store") else b""
+        return bytes(area)
+
+    # ---- background work and shutdown ----------------------------------------------------------------
+
+    def start_md_thread(self, *, sync: bool = True) -> None:
+        """Safe mode and (if ``sync``) background resync/recovery, like md's per-array thread."""
+        if self._md_thread is None:
+            self._auto_sync = sync
+            self._md_thread = threading.Thread(target=self._md_loop, name="llraid-md", daemon=True)
+            self._md_thread.start()
+
+    def _md_loop(self) -> None:
+        from llraid.sync import needed_sync, run_sync
+
+        while not self._stop.wait(self.safe_mode_delay / 2):
+            self.try_mark_clean()
+            if self._auto_sync and not self.readonly:
+                kind = needed_sync(self)
+                if kind is not None:
+                    self.last_sync = run_sync(self, kind, stop=self._stop)
+
+    def stop(self) -> None:
+        """Clean stop: no more IO, bitmap flushed, superblocks marked clean, members closed."""
+        if self._closed:
+            return
+        self._stop.set()
+        if self._md_thread is not None:
+            self._md_thread.join()
+            self._md_thread = None
+        self.bitmap.close()
+        if not self.readonly:
+            self.flush()
+            self.bitmap.flush()
+            with self._sb_lock:
+                self._in_sync = True
+                self.update_sb()
+        self._close_devices()
+
+    def crash(self) -> None:
+        """Drop everything without a clean stop (tests: what a power cut or kill -9 leaves)."""
+        self._stop.set()
+        if self._md_thread is not None:
+            self._md_thread.join()
+            self._md_thread = None
+        self.bitmap.close()
+        self._close_devices()
+
+    def _close_devices(self) -> None:
+        self._closed = True
+        for d in self.rdevs:
+            d.device.close()
+
+    def __enter__(self) -> Array:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

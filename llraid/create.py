@@ -1,0 +1,373 @@
+"""``llraid create``: new md arrays with mdadm 4.6's defaults (spec/ONDISK.md 6-7, LAYOUTS.md 1-2).
+
+What is written, per member: the v1.x superblock (events 0, ``resync_offset`` 0 or MaxSector
+with ``--assume-clean``) and, with a bitmap, mdadm's initial bitmap area (classic: superblock
+plus all bits set; lockless: superblock with FIRST_USE, the kernel - or llraid - fills in the
+chunk states on first start).
+
+Where mdadm is unsafe llraid is not: with the lockless bitmap mdadm 4.6 puts the bad-block log
+at +16 sectors, inside the 128 KiB llbitmap area (spec ONDISK 5.6); llraid puts it after that
+area, or leaves it out when it does not fit before the data.
+
+Everything is checked before anything is written: device sizes, existing md superblocks and
+filesystem signatures (refused unless ``force``), geometry.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from llraid.device import SECTOR, Device
+from llraid.errors import DeviceError, LayoutError, LlraidError
+from llraid.format.bitmap import BitmapKind
+from llraid.format.superblock import (
+    MAX_SECTOR,
+    MD_SB_MAGIC,
+    ROLE_SPARE,
+    Feature,
+    Superblock1,
+    super_offset_for,
+)
+from llraid.raid.layout import Raid10Geometry, parse_raid10_layout
+
+DEFAULT_CHUNK_KIB = 512
+LLBITMAP_SPACE = 256  # sectors mdadm reserves for llbitmap (sectors_reserved)
+BBLOG_SECTORS = 8
+GiB_SECTORS = 1 << 21
+
+
+class CreateError(LlraidError):
+    """A create request that would produce an unusable or unsafe array."""
+
+
+def choose_bm_space(dev_sectors: int) -> int:
+    """Sectors mdadm reserves for a bitmap on a member of this size."""
+    if dev_sectors < 128:
+        return 0
+    if dev_sectors - 128 >= 200 * GiB_SECTORS:
+        return 256
+    if dev_sectors - 8 > 8 * GiB_SECTORS:
+        return 128
+    return 8
+
+
+def default_data_offset(dev_sectors: int, chunk_kib: int) -> int:
+    """mdadm's 1.1/1.2 data offset: bitmap space, up to 128 MiB reshape headroom, 1 MiB aligned."""
+    headroom = 128 * 1024 * 2
+    while (headroom << 10) > dev_sectors and (chunk_kib == 0 or headroom // 2 >= chunk_kib * 2 * 2):
+        headroom >>= 1
+    raw = 12 * 2 + choose_bm_space(dev_sectors) + headroom
+    return -(-raw // 2048) * 2048
+
+
+def classic_chunk_bytes(size_sectors: int, room_sectors: int) -> int:
+    """mdadm's classic bitmap chunk: the smallest power of two that fits, at least 64 MiB."""
+    max_bits = (room_sectors * 512 - 256) * 8
+    chunk = 4096
+    bits = size_sectors * 512 // chunk + 1
+    while bits > max_bits:
+        chunk *= 2
+        bits = (bits + 1) // 2
+    return max(chunk, 64 << 20)
+
+
+def classic_bitmap_bytes(sync_size: int, chunk_bytes: int, boundary: int = 4096) -> int:
+    """mdadm's ``calc_bitmap_size``: header plus one bit per chunk, rounded to ``boundary``."""
+    bits = (sync_size * 512 + chunk_bytes - 1) // chunk_bytes
+    return -(-((bits + 7) // 8 + 256) // boundary) * boundary
+
+
+_SIGNATURES = (  # (byte offset, magic, what)
+    (1080, b"\x53\xef", "an ext2/3/4 file system"),
+    (0, b"XFSB", "an XFS file system"),
+    (65600, b"_BHRfS_M", "a btrfs file system"),
+    (0, b"LUKS\xba\xbe", "a LUKS volume"),
+    (4086, b"SWAPSPACE2", "swap space"),
+    (512, b"EFI PART", "a GPT partition table"),
+    (3, b"NTFS    ", "an NTFS file system"),
+    (54, b"FAT1", "a FAT file system"),
+    (82, b"FAT32   ", "a FAT32 file system"),
+    (32769, b"CD001", "an ISO 9660 file system"),
+)
+
+
+def existing_signature(device: Device) -> str | None:
+    """What the device already holds that creating would destroy (None: looks empty)."""
+    sectors = device.sectors
+    for minor in (0, 1, 2):
+        if sectors < 24:
+            break
+        off = super_offset_for(minor, sectors) * SECTOR
+        if off + 4 <= device.size and int.from_bytes(device.pread(off, 4), "little") == MD_SB_MAGIC:
+            return f"an md superblock (metadata 1.{minor})"
+    v090 = (device.size & ~0xFFFF) - 0x10000
+    if v090 >= 0 and int.from_bytes(device.pread(v090, 4), "little") == MD_SB_MAGIC:
+        return "an md superblock (metadata 0.90)"
+    for off, magic, what in _SIGNATURES:
+        if off + len(magic) <= device.size and device.pread(off, len(magic)) == magic:
+            return what
+    if device.size >= 512 and device.pread(510, 2) == b"\x55\xaa" and any(device.pread(446, 64)):
+        return "a partition table"
+    return None
+
+
+@dataclass(frozen=True)
+class CreateSpec:
+    level: int
+    raid_devices: int
+    layout: int
+    chunk_sectors: int
+    bitmap: BitmapKind
+    assume_clean: bool
+    name: str
+    minor: int  # metadata 1.<minor>
+    size: int | None  # sectors per member, None = as large as possible
+    homehost: str | None
+    uuid: bytes | None = None
+
+
+def parse_layout(level: int, layout: str | None) -> int:
+    if level == 1:
+        if layout not in (None, ""):
+            raise CreateError("raid1 has no layout")
+        return 0
+    if level == 10:
+        return parse_raid10_layout(layout or "n2")
+    raise CreateError(f"creating raid{level} is not supported (raid1 and raid10 are)")
+
+
+def array_name(name: str, homehost: str | None) -> bytes:
+    """mdadm's set_name: "homehost:name" when it fits and name has no ':', else the name."""
+    if homehost and ":" not in name and len(homehost) + 1 + len(name) < 32:
+        full = f"{homehost}:{name}"
+    else:
+        full = name
+    raw = full.encode()
+    if len(raw) > 32:
+        raise CreateError(f"array name {name!r} is too long (32 bytes at most)")
+    return raw.ljust(32, b"\0")
+
+
+def plan_members(spec: CreateSpec, dev_sectors: Sequence[int]) -> tuple[int, int, int, int, int, int]:
+    """``(data_offset, size, bitmap_offset, bblog_offset, bblog_size, sync_size)``."""
+    chunk_kib = spec.chunk_sectors // 2
+    first = dev_sectors[0]
+    if spec.minor == 0:
+        raise CreateError("metadata 1.0 is not supported by llraid create yet (use 1.1 or 1.2)")
+    super_offset = super_offset_for(spec.minor, first)
+    data_offset = default_data_offset(first, chunk_kib)
+    free = min(s - data_offset for s in dev_sectors)
+    if free <= 0:
+        raise CreateError(f"member too small: {min(dev_sectors)} sectors, data would start at {data_offset}")
+    free_kib = free // 2
+    if spec.level == 10:
+        free_kib -= free_kib % chunk_kib
+    size_kib = free_kib
+    if spec.size is not None:
+        want = spec.size // 2
+        if spec.level == 10:
+            want -= want % chunk_kib
+        if want > free_kib:
+            raise CreateError(
+                f"--size {spec.size * 512} bytes is larger than the members allow ({free_kib * 1024})"
+            )
+        size_kib = want
+    if spec.level == 1:
+        size_kib &= ~63  # mdadm: a whole 64 KiB, so the array can become raid5 later
+    size = size_kib * 2
+    if size <= 0:
+        raise CreateError("members are too small for an array")
+    if spec.level == 10:
+        geo = Raid10Geometry.from_superblock(spec.layout, spec.raid_devices, spec.chunk_sectors, size)
+        sync_size = geo.array_sectors
+    else:
+        sync_size = size
+    bitmap_offset = 0
+    if spec.bitmap is BitmapKind.NONE:
+        span = 8 + choose_bm_space(size)
+    elif spec.bitmap is BitmapKind.LOCKLESS:
+        bitmap_offset = 8
+        span = bitmap_offset + LLBITMAP_SPACE + 8  # past the state bytes' 1 KiB overrun, 4 KiB aligned
+    else:
+        bitmap_offset = 8
+        room = min(choose_bm_space(size), 256)
+        chunk = classic_chunk_bytes(sync_size, room)
+        span = bitmap_offset + classic_bitmap_bytes(sync_size, chunk) // 512
+    bblog_offset, bblog_size = span, BBLOG_SECTORS
+    if super_offset + bblog_offset + bblog_size > data_offset:
+        bblog_offset, bblog_size = 0, 0  # no room: no bad-block log rather than an overlap
+    return data_offset, size, bitmap_offset, bblog_offset, bblog_size, sync_size
+
+
+def build_superblock(
+    spec: CreateSpec,
+    *,
+    set_uuid: bytes,
+    dev_number: int,
+    dev_sectors: int,
+    data_offset: int,
+    size: int,
+    bitmap_offset: int,
+    bblog_offset: int,
+    bblog_size: int,
+    now: int,
+    max_dev: int,
+    roles: tuple[int, ...],
+    events: int = 0,
+    resync_offset: int | None = None,
+) -> Superblock1:
+    super_offset = super_offset_for(spec.minor, dev_sectors)
+    feature = Feature.BITMAP_OFFSET if spec.bitmap is not BitmapKind.NONE else 0
+    if resync_offset is None:
+        resync_offset = MAX_SECTOR if spec.assume_clean else 0
+    return Superblock1(
+        magic=MD_SB_MAGIC, major_version=1, feature_map=int(feature), pad0=0, set_uuid=set_uuid,
+        set_name_raw=array_name(spec.name, spec.homehost), ctime=now, level=spec.level, layout=spec.layout,
+        size=size, chunksize=spec.chunk_sectors, raid_disks=spec.raid_devices, bitmap_offset=bitmap_offset,
+        new_level=0, reshape_position=0, delta_disks=0, new_layout=0, new_chunk=0, new_offset=0,
+        data_offset=data_offset, data_size=dev_sectors - data_offset, super_offset=super_offset,
+        recovery_offset=0, dev_number=dev_number, cnt_corrected_read=0, device_uuid=secrets.token_bytes(16),
+        devflags=0, bblog_shift=0, bblog_size=bblog_size, bblog_offset=bblog_offset, utime=now, events=events,
+        resync_offset=resync_offset, sb_csum=0, max_dev=max_dev, logical_block_size=0, pad3=bytes(28),
+        dev_roles=roles,
+    ).with_checksum()  # fmt: skip
+
+
+def initial_bitmap_area(spec: CreateSpec, set_uuid: bytes, sync_size: int, size: int) -> bytes:
+    from llraid.bitmap.classic import ClassicBitmap
+    from llraid.bitmap.lockless import LocklessBitmap
+
+    if spec.bitmap is BitmapKind.LOCKLESS:
+        sb = LocklessBitmap.new_superblock(set_uuid, sync_size, assume_clean=spec.assume_clean)
+        return LocklessBitmap.initial_area(sb)
+    room = min(choose_bm_space(size), 256)
+    chunk = classic_chunk_bytes(sync_size, room)
+    csb = ClassicBitmap.new_superblock(set_uuid, sync_size, chunk)
+    return ClassicBitmap.initial_area(csb)
+
+
+def create(paths: Sequence[str], spec: CreateSpec, *, force: bool = False) -> list[Superblock1]:
+    """Write a new array's metadata to ``paths`` (in role order); returns the superblocks."""
+    if spec.level not in (1, 10):
+        raise CreateError(f"creating raid{spec.level} is not supported (raid1 and raid10 are)")
+    if len(paths) != spec.raid_devices:
+        raise CreateError(f"{len(paths)} devices given for {spec.raid_devices} raid devices")
+    if len({os.path.realpath(p) for p in paths}) != len(paths):
+        raise CreateError("the same device is given twice")
+    if spec.level == 1 and spec.chunk_sectors:
+        raise CreateError("specifying chunk size is forbidden for raid1")
+    if spec.level == 10:
+        c = spec.chunk_sectors
+        if c < 8 or c & (c - 1):
+            raise CreateError("chunk size must be a power of two of at least 4K")
+        try:
+            Raid10Geometry.from_superblock(spec.layout, spec.raid_devices, c, c * 4)
+        except LayoutError as e:
+            raise CreateError(str(e)) from None
+    if spec.bitmap is BitmapKind.LOCKLESS and spec.minor != 2:
+        raise CreateError("the lockless bitmap needs metadata 1.2")
+    devices: list[Device] = []
+    try:
+        for p in paths:
+            devices.append(Device(p, writable=True))
+        if not force:
+            for d in devices:
+                found = existing_signature(d)
+                if found:
+                    raise CreateError(f"{d.path} appears to contain {found}; use --force to overwrite it")
+        sizes = [d.sectors for d in devices]
+        data_offset, size, bitmap_offset, bblog_offset, bblog_size, sync_size = plan_members(spec, sizes)
+        set_uuid = spec.uuid or secrets.token_bytes(16)
+        now = int(time.time())
+        n = spec.raid_devices
+        max_dev = (-(-(256 + 2 * n) // 512) * 512 - 256) // 2
+        roles = tuple(list(range(n)) + [ROLE_SPARE] * (max_dev - n))
+        sbs = [
+            build_superblock(
+                spec,
+                set_uuid=set_uuid,
+                dev_number=i,
+                dev_sectors=sizes[i],
+                data_offset=data_offset,
+                size=size,
+                bitmap_offset=bitmap_offset,
+                bblog_offset=bblog_offset,
+                bblog_size=bblog_size,
+                now=now,
+                max_dev=max_dev,
+                roles=roles,
+            )
+            for i in range(n)
+        ]
+        area = (
+            initial_bitmap_area(spec, set_uuid, sync_size, size)
+            if spec.bitmap is not BitmapKind.NONE
+            else b""
+        )
+        for d, sb in zip(devices, sbs, strict=True):
+            _write_member(d, sb, area)
+        return sbs
+    finally:
+        for d in devices:
+            d.close()
+
+
+def _write_member(d: Device, sb: Superblock1, bitmap_area: bytes) -> None:
+    raw = sb.build()
+    raw += bytes(-len(raw) % 512)
+    try:
+        # The whole 4 KiB superblock area, so no stale bytes of an older superblock remain.
+        os.pwrite(d.fd, raw + bytes(4096 - len(raw)), sb.super_offset * SECTOR)
+        if bitmap_area:
+            os.pwrite(d.fd, bitmap_area, (sb.super_offset + sb.bitmap_offset) * SECTOR)
+        if sb.bblog_size:  # an empty bad-block log
+            os.pwrite(d.fd, b"\xff" * sb.bblog_size * SECTOR, (sb.super_offset + sb.bblog_offset) * SECTOR)
+        for minor in (0, 1, 2):  # no other md superblock may survive next to ours
+            other = super_offset_for(minor, d.sectors)
+            if (
+                other != sb.super_offset
+                and int.from_bytes(d.pread(other * SECTOR, 4), "little") == MD_SB_MAGIC
+            ):
+                os.pwrite(d.fd, bytes(4096), other * SECTOR)
+        os.fdatasync(d.fd)
+    except OSError as e:
+        raise DeviceError(f"{d.path}: write failed: {e.strerror}") from None
+
+
+def new_member_superblock(
+    ref: Superblock1, device: Device, dev_number: int, *, force: bool = False
+) -> Superblock1:
+    """Superblock for a new member joining the array of ``ref`` (spare or replacement)."""
+    import dataclasses
+
+    if not force:
+        found = existing_signature(device)
+        if found:
+            raise CreateError(f"{device.path} appears to contain {found}; use --force to overwrite it")
+    minor = 2 if ref.super_offset == 8 else (1 if ref.super_offset == 0 else 0)
+    super_offset = super_offset_for(minor, device.sectors)
+    if device.sectors - ref.data_offset < ref.size:
+        need = ref.data_offset + ref.size
+        raise CreateError(f"{device.path} is too small: {device.sectors} sectors, the array needs {need}")
+    return dataclasses.replace(
+        ref,
+        dev_number=dev_number,
+        device_uuid=secrets.token_bytes(16),
+        super_offset=super_offset,
+        data_size=device.sectors - ref.data_offset,
+        recovery_offset=0,
+        cnt_corrected_read=0,
+        devflags=0,
+        feature_map=ref.feature_map & (Feature.BITMAP_OFFSET),
+        max_dev=max(ref.max_dev, dev_number + 1),
+        dev_roles=tuple(list(ref.dev_roles) + [ROLE_SPARE] * max(0, dev_number + 1 - ref.max_dev)),
+    ).with_checksum()
+
+
+def default_homehost() -> str | None:
+    return os.environ.get("LLRAID_HOMEHOST") or socket.gethostname() or None
