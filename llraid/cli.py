@@ -37,6 +37,19 @@ def _size(text: str) -> int:
     return value
 
 
+def _level(text: str) -> int:
+    t = text.lower().removeprefix("raid")
+    if t not in ("1", "10", "mirror"):
+        raise argparse.ArgumentTypeError(f"level {text!r} is not supported (1 or 10)")
+    return 1 if t in ("1", "mirror") else 10
+
+
+def _kib_size(text: str) -> int:
+    """mdadm sizes: a bare number is KiB."""
+    t = text.strip()
+    return _size(t + "K") if t.isdigit() else _size(t)
+
+
 def _default_homehost() -> str | None:
     return os.environ.get("LLRAID_HOMEHOST") or socket.gethostname() or None
 
@@ -128,6 +141,106 @@ def _copy(asm: Assembly, offset: int, length: int, out: IO[bytes]) -> None:
     out.flush()
 
 
+def cmd_create(args: argparse.Namespace) -> int:
+    from llraid.create import CreateSpec, create, parse_layout
+    from llraid.format.bitmap import BitmapKind
+    from llraid.format.superblock import format_uuid, parse_uuid
+
+    if args.chunk is not None and args.level == 1:
+        raise LlraidError("specifying chunk size is forbidden for raid1")
+    chunk = 0 if args.level == 1 else (args.chunk or 512 * 1024)
+    if chunk % 512:
+        raise LlraidError("chunk size must be a multiple of 512 bytes")
+    minor = {"1.2": 2, "1.1": 1, "1.0": 0, "1": 2, "default": 2}.get(args.metadata)
+    if minor is None:
+        raise LlraidError(f"unknown metadata version {args.metadata!r} (1.0, 1.1, 1.2)")
+    n = args.raid_devices or len(args.devices)
+    spec = CreateSpec(
+        level=args.level,
+        raid_devices=n,
+        layout=parse_layout(args.level, args.layout),
+        chunk_sectors=chunk // 512,
+        bitmap={"lockless": BitmapKind.LOCKLESS, "internal": BitmapKind.CLASSIC, "none": BitmapKind.NONE}[
+            args.bitmap
+        ],
+        assume_clean=args.assume_clean,
+        name=args.name,
+        minor=minor,
+        size=None if args.size is None else args.size // 512,
+        homehost=args.homehost or None,
+        uuid=parse_uuid(args.uuid) if args.uuid else None,
+    )
+    sbs = create(args.devices, spec, force=args.force)
+    sb = sbs[0]
+    print(
+        f"llraid: created raid{args.level} {format_uuid(sb.set_uuid)} on {n} members, "
+        f"{sb.size * 512} bytes each, bitmap {args.bitmap}"
+    )
+    return 0
+
+
+def cmd_write(args: argparse.Namespace) -> int:
+    from llraid.array import Array
+
+    data = sys.stdin.buffer.read() if args.input in (None, "-") else open(args.input, "rb").read()  # noqa: SIM115
+    array = Array.assemble(args.devices, run=args.run, force=args.force)
+    try:
+        if args.offset + len(data) > array.array_bytes:
+            raise LlraidError(
+                f"{len(data)} bytes at {args.offset} do not fit in the array ({array.array_bytes} bytes)"
+            )
+        piece = 1 << 20
+        for pos in range(0, len(data), piece):
+            array.write_bytes(args.offset + pos, data[pos : pos + piece])
+        array.flush()
+    except BaseException:
+        array.stop()
+        raise
+    array.stop()
+    print(f"llraid: wrote {len(data)} bytes at {args.offset}", file=sys.stderr)
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from llraid.array import Array
+    from llraid.bitmap.base import SyncKind
+    from llraid.sync import run_sync, sync_until_idle
+
+    array = Array.assemble(args.devices, run=args.run, force=args.force)
+    try:
+        limit = args.speed_limit or None
+        passes = sync_until_idle(array, speed_limit=limit)
+        if args.mode in ("check", "repair"):
+            passes.append(run_sync(array, SyncKind(args.mode), speed_limit=limit))
+    except BaseException:
+        array.stop()
+        raise
+    array.stop()
+    if args.json:
+        _print_json([p.as_dict() for p in passes])
+    else:
+        if not passes:
+            print("llraid: nothing to sync")
+        for st in passes:
+            print(_sync_summary(st.as_dict()))
+    return 0 if all(p.completed for p in passes) else EXIT_ERROR
+
+
+def _sync_summary(d: dict[str, Any]) -> str:
+    lines = [
+        f"{d['kind']}: {'done' if d['completed'] else 'interrupted'}"
+        + (f" ({d['member']})" if d["member"] else "")
+        + f", {d['windows_synced']} windows synced, {d['windows_skipped']} skipped, {d['seconds']} s"
+    ]
+    if d["kind"] in ("check", "repair"):
+        lines.append(f"  mismatch_cnt {d['mismatch_cnt']}, repaired sectors {d['repaired_sectors']}")
+    for path in sorted(set(d["bytes_read"]) | set(d["bytes_written"])):
+        lines.append(
+            f"  {path}: read {d['bytes_read'].get(path, 0)} bytes, written {d['bytes_written'].get(path, 0)}"
+        )
+    return "\n".join(lines)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from llraid.demo import run_demo
 
@@ -164,6 +277,43 @@ def build_parser() -> argparse.ArgumentParser:
     cat.add_argument("-o", "--output", help="write to FILE instead of standard output")
     cat.add_argument("--force", action="store_true", help="accept bad checksums / unclean degraded raid5")
     cat.set_defaults(func=cmd_cat)
+
+    cr = sub.add_parser("create", aliases=["C"], help="create an array (mdadm --create defaults)")
+    cr.add_argument("devices", nargs="+", metavar="DEV")
+    cr.add_argument("--level", "-l", type=_level, required=True, help="1 or 10")
+    cr.add_argument("--raid-devices", "-n", type=int, default=None, help="default: the number of devices")
+    cr.add_argument("--layout", "-p", default=None, help="raid10: n2 (default), f2, o2, n3, ...")
+    cr.add_argument(
+        "--chunk", "-c", type=_kib_size, default=None, help="chunk size (default 512K; K if no unit)"
+    )
+    cr.add_argument("--bitmap", "-b", choices=["lockless", "internal", "none"], default="lockless")
+    cr.add_argument("--assume-clean", action="store_true", help="members already agree: no initial sync")
+    cr.add_argument("--name", "-N", default="0", help="array name (default 0, as mdadm for /dev/md0)")
+    cr.add_argument("--metadata", "-e", default="1.2", help="1.2 (default) or 1.1")
+    cr.add_argument(
+        "--size", "-z", type=_kib_size, default=None, help="bytes per member to use (K if no unit)"
+    )
+    cr.add_argument("--homehost", default=_default_homehost(), help="recorded in the name as HOST:NAME")
+    cr.add_argument("--uuid", default=None, help="array UUID (default: random)")
+    cr.add_argument("--force", action="store_true", help="overwrite devices that hold md or file system data")
+    cr.set_defaults(func=cmd_create)
+
+    wr = sub.add_parser("write", help="write data into the array through the full write path")
+    wr.add_argument("devices", nargs="+", metavar="DEV")
+    wr.add_argument("--offset", type=_size, default=0, help="start byte in the array")
+    wr.add_argument("-i", "--input", default=None, help="read data from FILE (default: standard input)")
+    wr.add_argument("--run", action="store_true", help="start even if degraded")
+    wr.add_argument("--force", action="store_true", help="accept bad checksums")
+    wr.set_defaults(func=cmd_write)
+
+    sy = sub.add_parser("sync", help="resync / recover what is needed, or check / repair")
+    sy.add_argument("devices", nargs="+", metavar="DEV")
+    sy.add_argument("--mode", choices=["resync", "check", "repair"], default="resync")
+    sy.add_argument("--speed-limit", type=_size, default=0, help="bytes per second (K/M suffixes)")
+    sy.add_argument("--json", action="store_true")
+    sy.add_argument("--run", action="store_true", help="start even if degraded")
+    sy.add_argument("--force", action="store_true", help="accept bad checksums")
+    sy.set_defaults(func=cmd_sync)
 
     demo = sub.add_parser("demo", help="examine and read a kernel-made fixture array")
     demo.add_argument("--fixture", default="b-raid10n2-llbitmap", help="fixture name (default: %(default)s)")

@@ -65,23 +65,6 @@ def default_data_offset(dev_sectors: int, chunk_kib: int) -> int:
     return -(-raw // 2048) * 2048
 
 
-def classic_chunk_bytes(size_sectors: int, room_sectors: int) -> int:
-    """mdadm's classic bitmap chunk: the smallest power of two that fits, at least 64 MiB."""
-    max_bits = (room_sectors * 512 - 256) * 8
-    chunk = 4096
-    bits = size_sectors * 512 // chunk + 1
-    while bits > max_bits:
-        chunk *= 2
-        bits = (bits + 1) // 2
-    return max(chunk, 64 << 20)
-
-
-def classic_bitmap_bytes(sync_size: int, chunk_bytes: int, boundary: int = 4096) -> int:
-    """mdadm's ``calc_bitmap_size``: header plus one bit per chunk, rounded to ``boundary``."""
-    bits = (sync_size * 512 + chunk_bytes - 1) // chunk_bytes
-    return -(-((bits + 7) // 8 + 256) // boundary) * boundary
-
-
 _SIGNATURES = (  # (byte offset, magic, what)
     (1080, b"\x53\xef", "an ext2/3/4 file system"),
     (0, b"XFSB", "an XFS file system"),
@@ -183,8 +166,9 @@ def plan_members(spec: CreateSpec, dev_sectors: Sequence[int]) -> tuple[int, int
     if size <= 0:
         raise CreateError("members are too small for an array")
     if spec.level == 10:
-        geo = Raid10Geometry.from_superblock(spec.layout, spec.raid_devices, spec.chunk_sectors, size)
-        sync_size = geo.array_sectors
+        Raid10Geometry.from_superblock(spec.layout, spec.raid_devices, spec.chunk_sectors, size)  # validates
+        copies = (spec.layout & 0xFF) * ((spec.layout >> 8) & 0xFF)
+        sync_size = size // 2 * spec.raid_devices // copies * 2  # mdadm's bitmap size (KiB based)
     else:
         sync_size = size
     bitmap_offset = 0
@@ -195,12 +179,13 @@ def plan_members(spec: CreateSpec, dev_sectors: Sequence[int]) -> tuple[int, int
         span = bitmap_offset + LLBITMAP_SPACE + 8  # past the state bytes' 1 KiB overrun, 4 KiB aligned
     else:
         bitmap_offset = 8
-        room = min(choose_bm_space(size), 256)
-        chunk = classic_chunk_bytes(sync_size, room)
-        span = bitmap_offset + classic_bitmap_bytes(sync_size, chunk) // 512
+        span = bitmap_offset + len(initial_bitmap_area(spec, bytes(16), sync_size, size)) // 512
+    # mdadm: right after the bitmap (or its reserved room), else just below the data, else none.
     bblog_offset, bblog_size = span, BBLOG_SECTORS
-    if super_offset + bblog_offset + bblog_size > data_offset:
-        bblog_offset, bblog_size = 0, 0  # no room: no bad-block log rather than an overlap
+    if super_offset + span + BBLOG_SECTORS > data_offset:
+        bblog_offset = data_offset - BBLOG_SECTORS - super_offset
+        if bblog_offset < (span if spec.bitmap is BitmapKind.LOCKLESS else 8):
+            bblog_offset, bblog_size = 0, 0  # no room: no bad-block log rather than an overlap
     return data_offset, size, bitmap_offset, bblog_offset, bblog_size, sync_size
 
 
@@ -245,8 +230,7 @@ def initial_bitmap_area(spec: CreateSpec, set_uuid: bytes, sync_size: int, size:
     if spec.bitmap is BitmapKind.LOCKLESS:
         sb = LocklessBitmap.new_superblock(set_uuid, sync_size, assume_clean=spec.assume_clean)
         return LocklessBitmap.initial_area(sb)
-    room = min(choose_bm_space(size), 256)
-    chunk = classic_chunk_bytes(sync_size, room)
+    chunk = ClassicBitmap.choose_chunksize(sync_size, choose_bm_space(size))
     csb = ClassicBitmap.new_superblock(set_uuid, sync_size, chunk)
     return ClassicBitmap.initial_area(csb)
 
@@ -325,8 +309,6 @@ def _write_member(d: Device, sb: Superblock1, bitmap_area: bytes) -> None:
         os.pwrite(d.fd, raw + bytes(4096 - len(raw)), sb.super_offset * SECTOR)
         if bitmap_area:
             os.pwrite(d.fd, bitmap_area, (sb.super_offset + sb.bitmap_offset) * SECTOR)
-        if sb.bblog_size:  # an empty bad-block log
-            os.pwrite(d.fd, b"\xff" * sb.bblog_size * SECTOR, (sb.super_offset + sb.bblog_offset) * SECTOR)
         for minor in (0, 1, 2):  # no other md superblock may survive next to ours
             other = super_offset_for(minor, d.sectors)
             if (

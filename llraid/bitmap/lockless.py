@@ -132,13 +132,9 @@ _WRITE_NOOP = bytes(
 
 def mdadm_chunksize(sync_size: int) -> int:
     """The classic chunk (bytes) mdadm writes into a fresh llbitmap superblock (ignored by md)."""
-    max_bits = (256 * 512 - 256) * 8
-    chunk = 4096
-    bits = sync_size * 512 // chunk + 1
-    while bits > max_bits:
-        chunk *= 2
-        bits = (bits + 1) // 2
-    return max(chunk, 64 << 20)
+    from llraid.bitmap.classic import ClassicBitmap
+
+    return ClassicBitmap.choose_chunksize(sync_size, fmt.DEFAULT_SPACE_SECTORS)
 
 
 class LocklessBitmap(Bitmap):
