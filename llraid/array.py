@@ -619,9 +619,15 @@ class Array:
             d = self._find(which)
             if d.state is RdevState.FAULTY:
                 return d
-            if d.state is RdevState.IN_SYNC and len(self.active()) == 1 and d.role is not None:
-                # md never fails the last copy: reads must go on. The error surfaces to the caller.
-                raise IOFailure(f"{d.path}: {reason} (last in-sync member, not failed)")
+            if d.state is RdevState.IN_SYNC and d.role is not None:
+                # md never fails a member whose data has no other copy: the error surfaces instead.
+                left = {r.role for r in self.active() if r is not d and r.role is not None}
+                try:
+                    self.personality.check_roles(left)
+                except AssemblyError:
+                    raise IOFailure(
+                        f"{d.path}: {reason} (not failed: it holds the last copy of some data)"
+                    ) from None
             d.state = RdevState.FAULTY
             if d.target is not None:
                 d.target.failed = True
@@ -688,11 +694,10 @@ class Array:
                 sb = new_member_superblock(self.sb, device, dev_number, force=force)
                 raw = sb.build()
                 os.pwrite(device.fd, raw + bytes(-len(raw) % SECTOR), sb.super_offset * SECTOR)
-                if self.sb.has_bitmap and self.bitmap is not None:
+                if self.sb.has_bitmap:
                     # The bitmap area must hold a copy before this member is read from.
-                    os.pwrite(
-                        device.fd, bytes(self.bitmap_area()), (sb.super_offset + sb.bitmap_offset) * SECTOR
-                    )
+                    area_at = (sb.super_offset + sb.bitmap_offset) * SECTOR
+                    os.pwrite(device.fd, self.bitmap.area_image(), area_at)
                 os.fdatasync(device.fd)
                 m = Member(device, sb)
             except BaseException:
@@ -706,12 +711,6 @@ class Array:
             if free:
                 self.sync_requested = True
             return d
-
-    def bitmap_area(self) -> bytes:
-        area = getattr(self.bitmap, "area", None)
-        if area is None:
-            return self._store.read(0, 4096) if hasattr(self, "_store") else b""
-        return bytes(area)
 
     # ---- background work and shutdown ----------------------------------------------------------------
 

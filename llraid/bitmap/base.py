@@ -135,6 +135,10 @@ class Bitmap(ABC):
     def daemon_sleep(self, seconds: float) -> None:
         raise ValueError("this bitmap has no daemon")
 
+    def area_image(self) -> bytes:
+        """The bitmap area as it should be on a member joining the array now."""
+        return b""
+
     def bits_view(self) -> str:
         return "no bitmap\n"
 

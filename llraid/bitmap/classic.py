@@ -827,6 +827,10 @@ class ClassicBitmap(Bitmap):
         total = len(self._cpage_count)
         return f"bitmap: {used}/{total} pages [{used * PAGE_SIZE >> 10}KB], {self.chunksize >> 10}KB chunk"
 
+    def area_image(self) -> bytes:
+        with self._lock:
+            return bytes(self._image[: self._io_end])
+
     def bits_view(self) -> str:
         """Chunk counts, one ``name value`` per line, in the spirit of llbitmap's sysfs ``bits``.
 

@@ -79,7 +79,8 @@ from llraid.format.bitmap import (
 )
 from llraid.format.llbitmap import DATA_OFFSET, LLState
 
-PAGE_SIZE = 4096
+PAGE_SIZE = 4096  # the area is handled in 4 KiB pages (page of area byte x: x >> 12)
+_monotonic = time.monotonic
 DEFAULT_DAEMON_SLEEP = 30.0
 DEFAULT_BARRIER_IDLE = 5.0
 NONE = 0xFF  # "no transition" in the table; never a stored value
@@ -164,7 +165,8 @@ class LocklessBitmap(Bitmap):
         self.space = space
         self.io_size = io_size
         self.bitmap_offset = bitmap_offset
-        self.flags = sb.state & ~BitmapFlag.SHUTDOWN
+        self.flags = int(sb.state) & ~int(BitmapFlag.SHUTDOWN)
+        self._werr = bool(self.flags & BitmapFlag.WRITE_ERROR)  # plain bool: read on every write
         self.events_cleared = 0  # md never advances it for llbitmap (spec 3); kept for the sb
         self.area = area
         self.states = np.frombuffer(area, dtype=np.uint8)  # the whole area; chunk c at DATA_OFFSET + c
@@ -194,6 +196,7 @@ class LocklessBitmap(Bitmap):
         self._daemon_busy = threading.Lock()
         self.daemon_skipped_pages = 0  # suspend timeouts, for tests and the log
         self.daemon_runs = 0
+        self._bind_fast_paths()
 
     @classmethod
     def open(
@@ -301,7 +304,7 @@ class LocklessBitmap(Bitmap):
 
     @property
     def write_error(self) -> bool:
-        return bool(self.flags & BitmapFlag.WRITE_ERROR)
+        return self._werr
 
     # ---- the state machine ---------------------------------------------------------------------
 
@@ -389,7 +392,7 @@ class LocklessBitmap(Bitmap):
             if not refs:
                 self._drained[page].set()
             self._resumed[page].wait()
-        self._expire[page] = time.monotonic() + self.barrier_idle
+        self._expire[page] = _monotonic() + self.barrier_idle
 
     def _release_barrier(self, page: int) -> None:
         refs = self._refs[page]
@@ -421,15 +424,19 @@ class LocklessBitmap(Bitmap):
     # ---- IO path ---------------------------------------------------------------------------------
 
     def start_write(self, offset: int, sectors: int) -> bool:
-        if self.write_error:
+        if self._werr:
             return False
         first, last = self._chunk_range(offset, sectors)
         if first > last:
             return False
         for page in range(self._page_of(first), self._page_of(last) + 1):
             self._raise_barrier(page)
+        return self._start_write_locked_pages(first, last)
+
+    def _start_write_locked_pages(self, first: int, last: int) -> bool:
+        """Startwrite on chunks whose pages' barriers this writer already holds."""
         # Fast path: no lock, no IO (see INVARIANT in the module docstring).
-        area, gen, durable, shift, noop = self.area, self._gen, self._durable, self._block_shift, _WRITE_NOOP
+        area, noop = self.area, _WRITE_NOOP
         need_sync = False
         for pos in range(DATA_OFFSET + first, DATA_OFFSET + last + 1):
             v = noop[area[pos]]
@@ -440,21 +447,66 @@ class LocklessBitmap(Bitmap):
         else:
             if need_sync and not self.host.is_degraded():
                 self.host.request_sync()
+            gen, durable, bshift = self._gen, self._durable, self._block_shift
             return any(
                 gen[b] != durable[b]
-                for b in range((DATA_OFFSET + first) >> shift, ((DATA_OFFSET + last) >> shift) + 1)
+                for b in range((DATA_OFFSET + first) >> bshift, ((DATA_OFFSET + last) >> bshift) + 1)
             )
         self._apply(first, last, Action.STARTWRITE)
         return True
 
     def end_write(self, offset: int, sectors: int) -> None:
-        if self.write_error:
+        if self._werr:
             return
         first, last = self._chunk_range(offset, sectors)
         if first > last:
             return
         for page in range(self._page_of(first), self._page_of(last) + 1):
             self._release_barrier(page)
+
+    def _bind_fast_paths(self) -> None:
+        """Per-instance start_write/end_write for the one-chunk case, as closures over the
+        arrays they touch (no attribute lookups). Same steps, same order as the methods above:
+        page reference first, suspension flag checked after it, then the state byte."""
+        area, refs, suspended, expire = self.area, self._refs, self._suspended, self._expire
+        drained, gen, durable, bshift = self._drained, self._gen, self._durable, self._block_shift
+        noop, mono, chunks, shift = _WRITE_NOOP, _monotonic, self.chunks, self.chunkshift
+        generic_start, generic_end = self.start_write, self.end_write
+        raise_barrier, after_barrier = self._raise_barrier, self._start_write_locked_pages
+        me = self
+
+        def start_write(offset: int, sectors: int) -> bool:
+            first = offset >> shift
+            if me._werr or first != (offset + sectors - 1) >> shift or first >= chunks:
+                return generic_start(offset, sectors)
+            pos = DATA_OFFSET + first
+            page = pos >> 12
+            r = refs[page]
+            r.append(None)
+            if suspended[page]:
+                r.pop()
+                if not r:
+                    drained[page].set()
+                raise_barrier(page)
+            expire[page] = mono() + me.barrier_idle
+            if noop[area[pos]] == 1:
+                b = pos >> bshift
+                return gen[b] != durable[b]
+            return after_barrier(first, first)
+
+        def end_write(offset: int, sectors: int) -> None:
+            first = offset >> shift
+            if me._werr or first != (offset + sectors - 1) >> shift or first >= chunks:
+                return generic_end(offset, sectors)
+            page = (DATA_OFFSET + first) >> 12
+            r = refs[page]
+            r.pop()
+            if not r and suspended[page]:
+                drained[page].set()
+            return None
+
+        self.start_write = start_write  # type: ignore[method-assign]
+        self.end_write = end_write  # type: ignore[method-assign]
 
     def _discard_range(self, offset: int, sectors: int) -> tuple[int, int]:
         first = -(-offset // self.chunksize)  # only whole chunks lose their data
@@ -504,6 +556,7 @@ class LocklessBitmap(Bitmap):
                 self.store.write(pieces)
             except BitmapIOError:
                 self.flags |= BitmapFlag.WRITE_ERROR  # no member holds the bitmap any more
+                self._werr = True
                 raise
             for b, g in zip(todo, gens, strict=True):
                 if self._durable[b] < g:
@@ -686,6 +739,10 @@ class LocklessBitmap(Bitmap):
         with self._lock:
             self.area[:BITMAP_SB_BYTES] = self.sb.build()
         self._write_blocks(range(-(-DATA_OFFSET // self.io_size)))
+
+    def area_image(self) -> bytes:
+        with self._lock:
+            return bytes(self.area)
 
     def bits_view(self) -> str:
         if self.write_error:
