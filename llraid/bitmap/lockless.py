@@ -323,19 +323,23 @@ class LocklessBitmap(Bitmap):
     def _apply_locked(self, first: int, last: int, action: Action, degraded: bool) -> tuple[bool, int]:
         lo, hi = DATA_OFFSET + first, DATA_OFFSET + last + 1
         cur = self.states[lo:hi]
-        need_resync = bool(np.isin(cur, (_NS, _NSU)).any()) and not degraded
         if action not in (Action.STARTWRITE, Action.STARTSYNC):
-            # No override applies: vectorise unless a new state must be written eagerly.
+            # No override applies: vectorise unless a new state must be written eagerly (then
+            # infection can change chunks later in the range, so they are read one by one).
             new = _LOOKUP[action][cur]
             changed = new != NONE
             if not np.isin(new[changed], _MARKING).any():
+                need_resync = bool(np.isin(cur, (_NS, _NSU)).any()) and not degraded
                 cur[changed] = new[changed]
                 return need_resync, int(new[-1])
         raid456 = self.host.level in (4, 5, 6)
         area = self.area
         result = NONE
+        need_resync = False
         for pos in range(lo, hi):
             c = area[pos]
+            if c in (_NS, _NSU):
+                need_resync = not degraded
             new_state = _NS if c >= len(TABLE) else TABLE[c][action]
             if degraded:
                 if new_state == _D and action == Action.STARTWRITE:
