@@ -190,7 +190,6 @@ class Array:
         self.bitmap: Bitmap = NoBitmap()
         self.sync_requested = False
         self._closed = False
-        self._md_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._rr = 0  # read balancing
         self.last_sync: SyncStats | None = None
@@ -712,33 +711,13 @@ class Array:
                 self.sync_requested = True
             return d
 
-    # ---- background work and shutdown ----------------------------------------------------------------
-
-    def start_md_thread(self, *, sync: bool = True) -> None:
-        """Safe mode and (if ``sync``) background resync/recovery, like md's per-array thread."""
-        if self._md_thread is None:
-            self._auto_sync = sync
-            self._md_thread = threading.Thread(target=self._md_loop, name="llraid-md", daemon=True)
-            self._md_thread.start()
-
-    def _md_loop(self) -> None:
-        from llraid.sync import needed_sync, run_sync
-
-        while not self._stop.wait(self.safe_mode_delay / 2):
-            self.try_mark_clean()
-            if self._auto_sync and not self.readonly:
-                kind = needed_sync(self)
-                if kind is not None:
-                    self.last_sync = run_sync(self, kind, stop=self._stop)
+    # ---- shutdown --------------------------------------------------------------------------------------
 
     def stop(self) -> None:
         """Clean stop: no more IO, bitmap flushed, superblocks marked clean, members closed."""
         if self._closed:
             return
         self._stop.set()
-        if self._md_thread is not None:
-            self._md_thread.join()
-            self._md_thread = None
         self.bitmap.close()
         if not self.readonly:
             self.flush()
@@ -751,9 +730,6 @@ class Array:
     def crash(self) -> None:
         """Drop everything without a clean stop (tests: what a power cut or kill -9 leaves)."""
         self._stop.set()
-        if self._md_thread is not None:
-            self._md_thread.join()
-            self._md_thread = None
         self.bitmap.close()
         self._close_devices()
 

@@ -206,6 +206,14 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from llraid.bitmap.base import SyncKind
     from llraid.sync import run_sync, sync_until_idle
 
+    if (
+        len(args.devices) == 1
+        and args.devices[0] in ("check", "repair", "idle")
+        and not os.path.exists(args.devices[0])
+    ):
+        # `llraid sync check|repair|idle`: act on the running array, like md's sync_action
+        print(_control(args, "sync", [args.devices[0]]))
+        return 0
     array = Array.assemble(args.devices, run=args.run, force=args.force)
     try:
         limit = args.speed_limit or None
@@ -239,6 +247,137 @@ def _sync_summary(d: dict[str, Any]) -> str:
             f"  {path}: read {d['bytes_read'].get(path, 0)} bytes, written {d['bytes_written'].get(path, 0)}"
         )
     return "\n".join(lines)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from llraid.array import Array
+    from llraid.export.service import Service
+
+    logging.basicConfig(level=logging.INFO, format="llraid: %(message)s")
+    listen = _hostport(args.listen) if args.listen else None
+    array = Array.assemble(args.devices, run=args.run, force=args.force, readonly=args.readonly)
+    service = Service(array, socket_path=args.socket, listen=listen, readonly=args.readonly, name=args.name)
+
+    def ready(s: Service) -> None:
+        print(
+            f"llraid: serving {array.uuid} (raid{array.level}, {array.array_bytes} bytes) at {s.uri}",
+            flush=True,
+        )
+        print(f"llraid: control socket {s.control_path}", flush=True)
+
+    try:
+        asyncio.run(service.run(on_ready=ready))
+    except BaseException:
+        if not array._closed:
+            array.stop()
+        raise
+    print("llraid: stopped cleanly", flush=True)
+    return 0
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise LlraidError(f"--listen wants HOST:PORT, not {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _find_array(which: str | None) -> dict[str, Any]:
+    from llraid.export.service import running_arrays
+
+    arrays = running_arrays()
+    if which:
+        if which.endswith(".ctl") and os.path.exists(which):
+            return {"control": which, "uuid": which}
+        key = which.replace(":", "")
+        names = (which, which.split(":")[-1])
+        hits = [a for a in arrays if a["uuid"].replace(":", "").startswith(key) or a["name"] in names]
+        if len(hits) == 1:
+            return hits[0]
+        raise LlraidError(f"no single running array matches {which!r}")
+    if len(arrays) == 1:
+        return arrays[0]
+    if not arrays:
+        raise LlraidError("no running array (start one with: llraid serve DEV...)")
+    raise LlraidError(f"{len(arrays)} arrays are running; choose one with --array UUID")
+
+
+def _control(args: argparse.Namespace, cmd: str, cargs: list[str] | None = None) -> Any:
+    from llraid.export.service import control_request
+
+    info = _find_array(getattr(args, "array", None))
+    return control_request(info["control"], cmd, cargs)
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    cargs = list(getattr(args, "targets", None) or [])
+    if args.command in ("set",):
+        cargs = [args.name, args.value]
+    result = _control(args, args.control_cmd, cargs)
+    if args.command in ("detail",) and not args.json:
+        print(_detail_text(result))
+    elif isinstance(result, str):
+        print(result, end="" if result.endswith("\n") else "\n")
+    else:
+        _print_json(result)
+    return 0
+
+
+def _detail_text(d: dict[str, Any]) -> str:
+    sync = d["sync"]
+    lines = [
+        f"{'UUID':>16} : {d['uuid']}",
+        f"{'Name':>16} : {d['name']}",
+        f"{'Raid Level':>16} : {d['level']}",
+        f"{'Array Size':>16} : {d['array_bytes']} bytes",
+        f"{'Raid Devices':>16} : {d['raid_disks']}",
+        f"{'State':>16} : {d['state']}"
+        + (", degraded" if d["degraded"] else "")
+        + (f", {sync['action']}ing" if sync["action"] != "idle" else ""),
+        f"{'Events':>16} : {d['events']}",
+        f"{'Bitmap':>16} : {d['bitmap']}",
+        f"{'NBD':>16} : {d['nbd_uri']}",
+    ]
+    if sync["action"] != "idle":
+        lines.append(f"{sync['action'].capitalize() + ' Status':>16} : {sync['percent']}% complete")
+    lines.append("")
+    lines.append("    Role   State        Device")
+    for m in d["members"]:
+        role = "-" if m["role"] is None else str(m["role"])
+        lines.append(f"    {role:>4}   {m['state']:<12} {m['path']}")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from llraid.export.service import control_request, running_arrays
+
+    print("Personalities : [raid1] [raid10]")
+    for info in running_arrays():
+        try:
+            s = control_request(info["control"], "status", timeout=5)
+        except LlraidError as e:
+            print(f"{info['uuid']} : not answering ({e})")
+            continue
+        members = " ".join(
+            f"{os.path.basename(m['path'])}[{m['role'] if m['role'] is not None else '-'}]"
+            + ("(F)" if m["state"] == "faulty" else "(S)" if m["state"] == "spare" else "")
+            for m in s["members"]
+        )
+        print(f"{s['name'] or s['uuid']} : active {s['level']} {members}")
+        n_up = s["slots"].count("U")
+        blocks = s["array_bytes"] // 1024
+        print(f"      {blocks} blocks [{s['raid_disks']}/{n_up}] [{s['slots']}]  {s['nbd_uri']}")
+        print(f"      bitmap: {s['bitmap']}  state: {s['state']}")
+        sync = s["sync"]
+        if sync["action"] != "idle" and sync["total"]:
+            width = 20
+            filled = int(width * sync["done"] / sync["total"])
+            bar = "=" * max(filled - 1, 0) + ">" + "." * (width - filled)
+            print(f"      [{bar}]  {sync['action']} = {sync['percent']}% ({sync['done']}/{sync['total']})")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -314,6 +453,43 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--run", action="store_true", help="start even if degraded")
     sy.add_argument("--force", action="store_true", help="accept bad checksums")
     sy.set_defaults(func=cmd_sync)
+
+    sv = sub.add_parser("serve", help="assemble and serve the array over NBD")
+    sv.add_argument("devices", nargs="+", metavar="DEV")
+    where = sv.add_mutually_exclusive_group()
+    where.add_argument("--socket", default=None, help="NBD unix socket (default: in the runtime directory)")
+    where.add_argument("--listen", default=None, help="TCP HOST:PORT instead (e.g. 127.0.0.1:10809)")
+    sv.add_argument("--name", default="", help="NBD export name (default: empty)")
+    sv.add_argument("--run", action="store_true", help="start even if degraded")
+    sv.add_argument("--readonly", action="store_true")
+    sv.add_argument("--force", action="store_true", help="accept bad checksums")
+    sv.set_defaults(func=cmd_serve)
+
+    st = sub.add_parser("status", help="running arrays, like /proc/mdstat")
+    st.set_defaults(func=cmd_status)
+
+    def control(name: str, cmd: str, help: str, nargs: int | None = None) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        if nargs:
+            c.add_argument("targets", nargs=nargs, metavar="DEV")
+        c.add_argument("--array", default=None, help="UUID (prefix) or name of the running array")
+        c.add_argument("--json", action="store_true")
+        c.set_defaults(func=cmd_control, control_cmd=cmd)
+        return c
+
+    control("detail", "detail", "the running array, like mdadm --detail")
+    control("fail", "fail", "mark a member faulty", 1)
+    control("remove", "remove", "remove a faulty or spare member", 1)
+    control("re-add", "re-add", "bring back a member that left (bitmap-driven recovery)", 1)
+    control("add", "add", "add a new member (spare, or into a free slot)", 1)
+    control("bits", "bits", "the bitmap's sysfs 'bits' view")
+    control("metadata", "metadata", "the bitmap's sysfs 'metadata' view")
+    control("stop", "stop", "stop the running array cleanly")
+    se = control("set", "set", "set daemon_sleep, barrier_idle, safe_mode_delay or sync_speed_max")
+    se.add_argument("name")
+    se.add_argument("value")
+    control("get", "get", "read daemon_sleep, barrier_idle, safe_mode_delay or sync_speed_max", 1)
+    sy.add_argument("--array", default=None, help="with check|repair|idle: the running array")
 
     demo = sub.add_parser("demo", help="examine and read a kernel-made fixture array")
     demo.add_argument("--fixture", default="b-raid10n2-llbitmap", help="fixture name (default: %(default)s)")
