@@ -87,9 +87,13 @@ class Rdev:
     target: BitmapTarget | None = None
     corrected_reads: int = 0
 
+    def __post_init__(self) -> None:
+        self.name = self.member.path  # cached: used on every IO for the counters
+        self.data_off = self.member.sb.data_offset * SECTOR
+
     @property
     def path(self) -> str:
-        return self.member.path
+        return self.name
 
     @property
     def device(self) -> Device:
@@ -130,6 +134,8 @@ class _Buckets:
     @staticmethod
     def of(sector: int, count: int) -> list[int]:
         first, last = sector >> BUCKET_SHIFT, (sector + max(count, 1) - 1) >> BUCKET_SHIFT
+        if first == last:
+            return [first % NR_BUCKETS]
         if last - first + 1 >= NR_BUCKETS:
             return list(range(NR_BUCKETS))
         return sorted({b % NR_BUCKETS for b in range(first, last + 1)})
@@ -194,6 +200,8 @@ class Array:
         self._rr = 0  # read balancing
         self.last_sync: SyncStats | None = None
         self.fault_log: list[tuple[str, str]] = []  # (member, why) for every member failed
+        self._role_map: dict[int, Rdev] = {}
+        self._rebuild_role_map()
 
     # ---- assembly ------------------------------------------------------------------------------
 
@@ -342,10 +350,13 @@ class Array:
         return [d for d in self.rdevs if d.state is RdevState.IN_SYNC]
 
     def by_role(self, role: int) -> Rdev | None:
-        for d in self.rdevs:
-            if d.role == role and d.state in (RdevState.IN_SYNC, RdevState.RECOVERING):
-                return d
-        return None
+        """The member serving ``role`` (in sync or recovering), from a map rebuilt whenever
+        member states change (every such change is followed by :meth:`update_sb`)."""
+        return self._role_map.get(role)
+
+    def _rebuild_role_map(self) -> None:
+        live = (RdevState.IN_SYNC, RdevState.RECOVERING)
+        self._role_map = {d.role: d for d in self.rdevs if d.role is not None and d.state in live}
 
     def is_degraded(self) -> bool:
         """BitmapHost: fewer in-sync members than slots (md's mddev->degraded != 0)."""
@@ -364,12 +375,13 @@ class Array:
         return d.state is RdevState.IN_SYNC or sector + count <= d.recovery_offset
 
     def read_member(self, d: Rdev, msector: int, count: int) -> bytes:
-        data = d.device.pread(d.data_offset_bytes + msector * SECTOR, count * SECTOR)
-        self.counters.member_read[d.path] = self.counters.member_read.get(d.path, 0) + len(data)
+        data = d.device.pread(d.data_off + msector * SECTOR, count * SECTOR)
+        reads = self.counters.member_read
+        reads[d.name] = reads.get(d.name, 0) + len(data)
         return data
 
     def write_member(self, d: Rdev, msector: int, data: bytes | memoryview, *, fua: bool = False) -> None:
-        off = d.data_offset_bytes + msector * SECTOR
+        off = d.data_off + msector * SECTOR
         try:
             if fua:
                 n = os.pwritev(d.device.fd, [data], off, os.RWF_DSYNC)
@@ -379,7 +391,8 @@ class Array:
             raise DeviceError(f"{d.path}: write error at byte {off}: {e.strerror}") from None
         if n != len(data):
             raise DeviceError(f"{d.path}: short write at byte {off}")
-        self.counters.member_written[d.path] = self.counters.member_written.get(d.path, 0) + n
+        written = self.counters.member_written
+        written[d.name] = written.get(d.name, 0) + n
 
     # ---- IO path ---------------------------------------------------------------------------------------
 
@@ -578,6 +591,7 @@ class Array:
     def update_sb(self) -> None:
         """md_update_sb: bump events, write the bitmap superblock, then every member's."""
         with self._sb_lock:
+            self._rebuild_role_map()
             self.events += 1
             self.bitmap.update_sb(self.events)
             max_dev = max([self.sb.max_dev] + [d.sb.dev_number + 1 for d in self.rdevs])
@@ -593,6 +607,7 @@ class Array:
                     os.fdatasync(d.device.fd)
                 except OSError as e:
                     d.state = RdevState.FAULTY
+                    self._rebuild_role_map()
                     self._refresh_bitmap_targets()
                     raise IOFailure(f"{d.path}: superblock write failed: {e.strerror}") from None
                 d.member.sb = new
