@@ -28,6 +28,7 @@ Safe mode: after ``safe_mode_delay`` seconds without writes the array is marked 
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import threading
@@ -186,7 +187,9 @@ class Array:
             self.mirror = self.personality
         self.events = sb.events
         self.resync_cp = sb.resync_offset  # MAX_SECTOR: nothing to resync
-        self._in_sync = sb.is_clean  # md's in_sync: superblocks say "clean"
+        # md_run starts every array in_sync: the superblocks keep saying "clean" (and keep the
+        # resync checkpoint) until the first write marks the array active.
+        self._in_sync = True
         self.counters = ArrayCounters()
         self._sb_lock = threading.RLock()  # superblock writes and member state changes
         self._writes: list[None] = []  # writes in flight (md's writes_pending)
@@ -197,10 +200,10 @@ class Array:
         self.sync_requested = False
         self._closed = False
         self._stop = threading.Event()
-        self._rr = 0  # read balancing
         self.last_sync: SyncStats | None = None
         self.fault_log: list[tuple[str, str]] = []  # (member, why) for every member failed
         self._role_map: dict[int, Rdev] = {}
+        self._pending_sb = False  # members failed whose failure the superblocks do not show yet
         self._rebuild_role_map()
 
     # ---- assembly ------------------------------------------------------------------------------
@@ -249,10 +252,14 @@ class Array:
                 rdevs.append(Rdev(m, RdevState.RECOVERING, role, slot.in_sync_below, bitmap_sync))
         for m in asm.spares:
             rdevs.append(Rdev(m, RdevState.SPARE, None))
-        for m in asm.stale:
-            m.device.close()  # kicked as non-fresh; re-add it to bring it back
+        for m in asm.stale + asm.faulty:
+            m.device.close()  # kicked (non-fresh or failed); re-add it to bring it back
         array = cls(ref, rdevs, readonly=readonly)
-        missing = [r for r in range(ref.raid_disks) if r not in {d.role for d in array.active()}]
+        if not readonly:
+            array._activate_spares()
+        # mdadm starts an array whose members are in sync or being rebuilt (okcnt + rebuilding).
+        present = {d.role for d in array.rdevs if d.state in (RdevState.IN_SYNC, RdevState.RECOVERING)}
+        missing = [r for r in range(ref.raid_disks) if r not in present]
         if missing and not run:
             kicked = "".join(f"; {m.path} is stale (events {m.sb.events} < {ref.events})" for m in asm.stale)
             raise AssemblyError(
@@ -260,6 +267,8 @@ class Array:
                 f"roles {missing} missing{kicked}); use --run to start it anyway"
             )
         array._open_bitmap(force=force)
+        if not readonly:
+            array._settle()  # spares that took a free slot: the superblocks say so
         return array
 
     def _open_bitmap(self, *, force: bool) -> None:
@@ -305,9 +314,10 @@ class Array:
         store.targets = targets
 
     def _bitmap_io_error(self, target: BitmapTarget, err: OSError) -> None:
+        """Runs inside the bitmap's IO (its locks held): mark only; :meth:`_settle` tells the others."""
         for d in self.rdevs:
-            if d.target is target:
-                self.fail(d, reason=f"bitmap IO error: {err.strerror or err}")
+            if d.target is target and not self._mark_faulty(d, f"bitmap IO error: {err.strerror or err}"):
+                target.failed = False  # the last copy of some data: keep it, the bitmap write fails
 
     # ---- facts ---------------------------------------------------------------------------------------
 
@@ -416,8 +426,10 @@ class Array:
     def _read_piece(self, p: Piece, balance: bool) -> bytes:
         copies = [(self.by_role(r), ms) for r, ms in p.copies if self.available(r, ms, p.count)]
         if balance and len(copies) > 1:
-            k = (p.sector >> BUCKET_SHIFT) % len(copies)
-            copies = copies[k:] + copies[:k]
+            # the copy on the member that has read least so far (md: least busy non-rotational)
+            reads = self.counters.member_read
+            best = min(range(len(copies)), key=lambda i: reads.get(copies[i][0].name, 0))  # type: ignore[union-attr]
+            copies = copies[best:] + copies[:best]
         bad: list[tuple[Rdev, int]] = []
         for d, ms in copies:
             assert d is not None
@@ -437,7 +449,8 @@ class Array:
             d.corrected_reads += 1
             self.counters.read_errors_corrected += 1
         except DeviceError as e:
-            self.fail(d, reason=str(e))
+            with contextlib.suppress(IOFailure):  # refused: it holds the last copy of other data
+                self.fail(d, reason=str(e))
 
     def read_bytes(self, offset: int, length: int) -> bytes:
         first, last = offset // SECTOR, (offset + length + SECTOR - 1) // SECTOR
@@ -589,66 +602,117 @@ class Array:
         ).with_checksum()
 
     def update_sb(self) -> None:
-        """md_update_sb: bump events, write the bitmap superblock, then every member's."""
+        """md_update_sb: bump events, write the bitmap superblock, then every member's.
+
+        A member whose superblock cannot be written is marked faulty and the round is repeated,
+        so the survivors record it (md does the same through md_error)."""
         with self._sb_lock:
-            self._rebuild_role_map()
-            self.events += 1
-            self.bitmap.update_sb(self.events)
-            max_dev = max([self.sb.max_dev] + [d.sb.dev_number + 1 for d in self.rdevs])
-            now = int(time.time())
-            for d in self.rdevs:
-                if d.state is RdevState.FAULTY:
-                    continue  # a faulty member is never told anything again
-                new = self._sb_for(d, max_dev, now)
-                raw = new.build()
-                raw += bytes(-len(raw) % SECTOR)
-                try:
-                    os.pwrite(d.device.fd, raw, new.super_offset * SECTOR)
-                    os.fdatasync(d.device.fd)
-                except OSError as e:
-                    d.state = RdevState.FAULTY
-                    self._rebuild_role_map()
-                    self._refresh_bitmap_targets()
-                    raise IOFailure(f"{d.path}: superblock write failed: {e.strerror}") from None
-                d.member.sb = new
-                d.corrected_reads = 0
-                self.counters.sb_writes += 1
+            while True:
+                self._pending_sb = False
+                self._rebuild_role_map()
+                self.events += 1
+                self.bitmap.update_sb(self.events)
+                written = self._write_superblocks()
+                if not written:
+                    raise IOFailure("no member's superblock could be written")
+                if not self._pending_sb:
+                    break
             self.sb = next((d.sb for d in self.rdevs if d.state is RdevState.IN_SYNC), self.sb)
+
+    def _write_superblocks(self) -> int:
+        max_dev = max([self.sb.max_dev] + [d.sb.dev_number + 1 for d in self.rdevs])
+        now = int(time.time())
+        written = 0
+        for d in self.rdevs:
+            if d.state is RdevState.FAULTY:
+                continue  # a faulty member is never told anything again
+            new = self._sb_for(d, max_dev, now)
+            raw = new.build()
+            raw += bytes(-len(raw) % SECTOR)
+            try:
+                os.pwrite(d.device.fd, raw, new.super_offset * SECTOR)
+                os.fdatasync(d.device.fd)
+            except OSError as e:
+                self._mark_faulty(d, f"superblock write failed: {e.strerror}", force=True)
+                continue
+            d.member.sb = new
+            d.corrected_reads = 0
+            self.counters.sb_writes += 1
+            written += 1
+        return written
 
     # ---- member management -----------------------------------------------------------------------------
 
     def _find(self, which: Rdev | str | int) -> Rdev:
         if isinstance(which, Rdev):
             return which
+        if isinstance(which, int):
+            for d in self.rdevs:
+                if d.role == which and d.state is not RdevState.SPARE:
+                    return d
+            raise LlraidError(f"no member in role {which}")
+        try:
+            st = os.stat(which)
+        except OSError as e:
+            raise LlraidError(f"{which}: {e.strerror}") from None
+        want = (0, st.st_rdev) if st.st_rdev else (st.st_dev, st.st_ino)
         for d in self.rdevs:
-            if (isinstance(which, int) and d.role == which and d.state is not RdevState.SPARE) or (
-                isinstance(which, str) and os.path.realpath(d.path) == os.path.realpath(which)
-            ):
+            if d.device.fd < 0:
+                continue
+            ds = os.fstat(d.device.fd)
+            if ((0, ds.st_rdev) if ds.st_rdev else (ds.st_dev, ds.st_ino)) == want:
                 return d
         raise LlraidError(f"no member {which!r} in this array")
 
     def fail(self, which: Rdev | str | int, reason: str = "failed by request") -> Rdev:
         """md_error: the member is faulty from now on; the others' superblocks say so."""
-        with self._sb_lock:
-            d = self._find(which)
-            if d.state is RdevState.FAULTY:
-                return d
-            if d.state is RdevState.IN_SYNC and d.role is not None:
-                # md never fails a member whose data has no other copy: the error surfaces instead.
-                left = {r.role for r in self.active() if r is not d and r.role is not None}
-                try:
-                    self.personality.check_roles(left)
-                except AssemblyError:
-                    raise IOFailure(
-                        f"{d.path}: {reason} (not failed: it holds the last copy of some data)"
-                    ) from None
-            d.state = RdevState.FAULTY
-            if d.target is not None:
-                d.target.failed = True
-            self.fault_log.append((d.path, reason))
-            self._refresh_bitmap_targets()
-            self.update_sb()
-            return d
+        d = self._find(which)
+        if not self._mark_faulty(d, reason):
+            raise IOFailure(f"{d.path}: {reason} (not failed: it holds the last copy of some data)")
+        self._settle()
+        return d
+
+    def _mark_faulty(self, d: Rdev, reason: str, *, force: bool = False) -> bool:
+        """Mark ``d`` faulty in memory only (no lock, no IO: callable from inside bitmap IO).
+
+        Refuses (returns False) when ``d`` holds the last copy of some data, as md does, unless
+        ``force``. The superblocks are brought up to date by :meth:`_settle`."""
+        if d.state is RdevState.FAULTY:
+            return True
+        if d.state is RdevState.IN_SYNC and d.role is not None and not force:
+            left = {r.role for r in self.active() if r is not d and r.role is not None}
+            try:
+                self.personality.check_roles(left)
+            except AssemblyError:
+                return False
+        d.state = RdevState.FAULTY
+        if d.target is not None:
+            d.target.failed = True
+        self.fault_log.append((d.path, reason))
+        self._rebuild_role_map()
+        self._refresh_bitmap_targets()
+        self._pending_sb = True
+        return True
+
+    def _settle(self) -> None:
+        """After member failures: give free slots to spares and write the superblocks."""
+        if self._pending_sb:
+            with self._sb_lock:
+                if self._pending_sb:
+                    self._activate_spares()
+                    self.update_sb()
+
+    def _activate_spares(self) -> None:
+        """md: a spare takes a free slot and is recovered into it (fully)."""
+        for d in self.rdevs:
+            if d.state is RdevState.SPARE:
+                free = [r for r in range(self.raid_disks) if self.by_role(r) is None]
+                if not free:
+                    return
+                d.role, d.state, d.recovery_offset, d.bitmap_sync = free[0], RdevState.RECOVERING, 0, False
+                self._rebuild_role_map()
+                self._refresh_bitmap_targets()
+                self._pending_sb = True
 
     def remove(self, which: Rdev | str | int) -> None:
         """Take a faulty or spare member out of the array (md's hot-remove)."""
@@ -691,9 +755,9 @@ class Array:
             )
             d = Rdev(m, RdevState.RECOVERING, role, 0, bitmap_sync)
             self.rdevs.append(d)
+            self._rebuild_role_map()
             self._refresh_bitmap_targets()
             self.update_sb()
-            self.sync_requested = True
             return d
 
     def add_spare(self, path: str, *, force: bool = False) -> Rdev:
@@ -720,10 +784,9 @@ class Array:
             free = [r for r in range(self.raid_disks) if self.by_role(r) is None]
             d = Rdev(m, RdevState.RECOVERING, free[0], 0, False) if free else Rdev(m, RdevState.SPARE, None)
             self.rdevs.append(d)
+            self._rebuild_role_map()
             self._refresh_bitmap_targets()
             self.update_sb()
-            if free:
-                self.sync_requested = True
             return d
 
     # ---- shutdown --------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ Rules (spec/ONDISK.md 2.3 and 2.5):
 * the member with the most events is the freshest; its ``dev_roles`` decide every member's
   role, so a member that the freshest superblock records as faulty or spare is not used;
 * a member whose events are more than one behind the freshest is stale ("non-fresh") and its
-  data is never read;
+  data is never read; one the freshest superblock records as faulty is not used either;
 * a member that was being recovered (RECOVERY_OFFSET) is in sync only below
   ``recovery_offset``; a replacement is not read from;
 * the personality then decides whether the present roles can serve every sector.
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from llraid.device import SECTOR
 from llraid.errors import AssemblyError, ChecksumError, FormatError
 from llraid.format.bitmap import BitmapSuper
-from llraid.format.superblock import ROLE_MAX, Feature, Superblock1, format_uuid
+from llraid.format.superblock import ROLE_FAULTY, ROLE_MAX, Feature, Superblock1, format_uuid
 from llraid.member import Member
 from llraid.raid.base import Personality
 from llraid.raid.layout import Raid5Geometry, Raid10Geometry
@@ -89,6 +89,7 @@ class Assembly:
     stale: list[Member] = field(default_factory=list)
     spares: list[Member] = field(default_factory=list)
     bitmap_sb: BitmapSuper | None = None
+    faulty: list[Member] = field(default_factory=list)
 
     @property
     def uuid(self) -> str:
@@ -171,10 +172,14 @@ def assemble(members: Sequence[Member], *, force: bool = False) -> Assembly:
     slots: dict[int, Slot] = {}
     stale: list[Member] = []
     spares: list[Member] = []
+    faulty: list[Member] = []
     for m in members:
         role = ref.role_of(m.sb.dev_number)
         if m.sb.events + 1 < ref.events:
             stale.append(m)  # kicked as non-fresh: its data is never used
+            continue
+        if role == ROLE_FAULTY:
+            faulty.append(m)  # the freshest superblock says it failed: never used again
             continue
         if role >= ROLE_MAX or role >= ref.raid_disks:
             spares.append(m)
@@ -201,7 +206,7 @@ def assemble(members: Sequence[Member], *, force: bool = False) -> Assembly:
     if ref.has_bitmap:
         bitmap_sb = _load_bitmap_sb(fresh, force=force)
 
-    asm = Assembly(ref, personality, slots, list(members), stale, spares, bitmap_sb)
+    asm = Assembly(ref, personality, slots, list(members), stale, spares, bitmap_sb, faulty)
     if ref.level in (4, 5) and asm.degraded and not ref.is_clean and not force:
         raise AssemblyError(
             "degraded raid5 that was not shut down cleanly: parity may be stale, so rebuilt data could be "

@@ -421,6 +421,62 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return cmd_serve(args)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from llraid.bench import BenchConfig, run, svg_plot, table_rows
+
+    cfg = BenchConfig.quick() if args.quick else BenchConfig()
+    if args.threads:
+        cfg.threads = args.threads
+    if args.iodepth:
+        cfg.iodepth = args.iodepth
+    if args.seconds:
+        cfg.seconds = args.seconds
+    if args.rounds:
+        cfg.rounds = args.rounds
+    if args.member_size:
+        cfg.member_bytes = args.member_size
+    cfg.nbd = not args.no_nbd
+    if args.json:
+        report = run(cfg)
+    else:
+        from rich.console import Console
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+        from rich.table import Table
+
+        console = Console()
+        with Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
+        ) as p:
+            task = p.add_task("starting", total=None)
+            report = run(cfg, progress=lambda s: p.update(task, description=s))
+        title = (
+            f"4 KiB random writes, raid10 n2, 4 RAM members, {cfg.threads} threads (median of {cfg.rounds})"
+        )
+        t = Table(title=title)
+        for col in ("bitmap", "MiB/s", "IOPS", "vs none", "vs raw"):
+            t.add_column(col, justify="right")
+        for row in table_rows(report):
+            t.add_row(*row)
+        console.print(t)
+        for r in report.fresh:
+            console.print(f"fresh array on files, {r.kind}: {r.mib_s:.1f} MiB/s ({r.iops:.0f} IOPS)")
+        for n in report.nbd:
+            console.print(f"nbd + fio, {n['kind']}: {n.get('mib_s', '-')} MiB/s {n.get('error', '')}")
+        for s in report.sync:
+            console.print(
+                f"{s['kind']}: {s['dirty_percent']}% written -> resync wrote "
+                f"{s['resync_bytes_written']} bytes "
+                f"in {s['resync_seconds']} s; recovery wrote {s['recovery_bytes_written']} bytes in "
+                f"{s['recovery_seconds']} s (array {s['array_bytes']} bytes)"
+            )
+    if args.plot:
+        with open(args.plot, "w") as f:
+            f.write(svg_plot(report))
+    if args.json:
+        _print_json(report.as_dict())
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from llraid.demo import run_demo
 
@@ -540,6 +596,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--member-size", type=_size, default=256 << 20, help="bytes per member file (default 256M)"
     )
     qs.set_defaults(func=cmd_quickstart)
+
+    be = sub.add_parser("bench", help="none / classic / lockless side by side (and raw)")
+    be.add_argument("--quick", action="store_true", help="smaller and shorter: under a minute")
+    be.add_argument("--threads", "-j", type=int, default=None, help="writer threads (default 64)")
+    be.add_argument("--iodepth", "-q", type=int, default=None, help="outstanding IOs in the fio/NBD run")
+    be.add_argument("--seconds", type=float, default=None, help="seconds per measurement")
+    be.add_argument("--rounds", type=int, default=None, help="rounds (default 3)")
+    be.add_argument("--member-size", type=_size, default=None, help="bytes per RAM member (default 2G)")
+    be.add_argument("--no-nbd", action="store_true", help="skip the fio/NBD run")
+    be.add_argument("--json", action="store_true")
+    be.add_argument("--plot", default=None, help="write an SVG bar chart to FILE")
+    be.set_defaults(func=cmd_bench)
 
     demo = sub.add_parser("demo", help="examine and read a kernel-made fixture array")
     demo.add_argument("--fixture", default="b-raid10n2-llbitmap", help="fixture name (default: %(default)s)")

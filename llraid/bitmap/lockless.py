@@ -167,7 +167,12 @@ class LocklessBitmap(Bitmap):
         self.bitmap_offset = bitmap_offset
         self.flags = int(sb.state) & ~int(BitmapFlag.SHUTDOWN)
         self._werr = bool(self.flags & BitmapFlag.WRITE_ERROR)  # plain bool: read on every write
-        self.events_cleared = 0  # md never advances it for llbitmap (spec 3); kept for the sb
+        # The kernel never advances events_cleared for llbitmap (spec 3), which makes every old
+        # member look bitmap-syncable on re-add (LLBITMAP 7.4 HAZARD). llraid advances it like the
+        # classic bitmap does: to the array's events whenever the daemon cleans chunks (only ever
+        # while not degraded), so a member that left before that gets a full recovery instead.
+        self.events_cleared = sb.events_cleared
+        self._events = sb.events
         self.area = area
         self.states = np.frombuffer(area, dtype=np.uint8)  # the whole area; chunk c at DATA_OFFSET + c
         self.npages = len(area) // PAGE_SIZE
@@ -639,7 +644,12 @@ class LocklessBitmap(Bitmap):
                     self.daemon_skipped_pages += 1
                     continue
                 try:
+                    before = int(
+                        np.count_nonzero(self.states[DATA_OFFSET + first : DATA_OFFSET + last + 1] == _D)
+                    )
                     self._apply(first, last, Action.DAEMON)
+                    if before:
+                        self.events_cleared = self._events
                 finally:
                     self._resume(page)
             if restart:
@@ -729,6 +739,7 @@ class LocklessBitmap(Bitmap):
     def update_sb(self, events: int) -> None:
         if self.write_error:
             return
+        self._events = events
         self.events_cleared = min(self.events_cleared, events)
         self.sb = _replace_sb(
             self.sb,
