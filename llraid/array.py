@@ -54,7 +54,7 @@ from llraid.format.superblock import (
     Superblock1,
     format_uuid,
 )
-from llraid.member import Member, open_member
+from llraid.member import DeviceOpener, Member, open_member
 from llraid.raid.base import MirrorPersonality, Piece
 
 if TYPE_CHECKING:
@@ -202,6 +202,7 @@ class Array:
         self._stop = threading.Event()
         self.last_sync: SyncStats | None = None
         self.fault_log: list[tuple[str, str]] = []  # (member, why) for every member failed
+        self.opener: DeviceOpener | None = None
         self._role_map: dict[int, Rdev] = {}
         self._pending_sb = False  # members failed whose failure the superblocks do not show yet
         self._rebuild_role_map()
@@ -217,13 +218,17 @@ class Array:
         force: bool = False,
         readonly: bool = False,
         bitmap_threads: bool = True,
+        opener: DeviceOpener | None = None,
     ) -> Array:
-        """Open and validate members, load the bitmap; refuses a degraded start unless ``run``."""
+        """Open and validate members, load the bitmap; refuses a degraded start unless ``run``.
+
+        ``opener`` replaces how member devices are opened (tests: simulated devices)."""
         members: list[Member] = []
         try:
             for p in paths:
-                members.append(open_member(p, writable=not readonly))
+                members.append(open_member(p, writable=not readonly, opener=opener))
             array = cls._from_members(members, run=run, force=force, readonly=readonly)
+            array.opener = opener
         except BaseException:
             for m in members:
                 m.device.close()
@@ -313,10 +318,10 @@ class Array:
             targets.append(d.target)
         store.targets = targets
 
-    def _bitmap_io_error(self, target: BitmapTarget, err: OSError) -> None:
+    def _bitmap_io_error(self, target: BitmapTarget, err: Exception) -> None:
         """Runs inside the bitmap's IO (its locks held): mark only; :meth:`_settle` tells the others."""
         for d in self.rdevs:
-            if d.target is target and not self._mark_faulty(d, f"bitmap IO error: {err.strerror or err}"):
+            if d.target is target and not self._mark_faulty(d, f"bitmap IO error: {err}"):
                 target.failed = False  # the last copy of some data: keep it, the bitmap write fails
 
     # ---- facts ---------------------------------------------------------------------------------------
@@ -391,18 +396,9 @@ class Array:
         return data
 
     def write_member(self, d: Rdev, msector: int, data: bytes | memoryview, *, fua: bool = False) -> None:
-        off = d.data_off + msector * SECTOR
-        try:
-            if fua:
-                n = os.pwritev(d.device.fd, [data], off, os.RWF_DSYNC)
-            else:
-                n = os.pwrite(d.device.fd, data, off)
-        except OSError as e:
-            raise DeviceError(f"{d.path}: write error at byte {off}: {e.strerror}") from None
-        if n != len(data):
-            raise DeviceError(f"{d.path}: short write at byte {off}")
+        d.device.pwrite(d.data_off + msector * SECTOR, data, dsync=fua)
         written = self.counters.member_written
-        written[d.name] = written.get(d.name, 0) + n
+        written[d.name] = written.get(d.name, 0) + len(data)
 
     # ---- IO path ---------------------------------------------------------------------------------------
 
@@ -519,9 +515,9 @@ class Array:
         for d in self.rdevs:
             if d.role is not None and d.state is not RdevState.FAULTY:
                 try:
-                    os.fdatasync(d.device.fd)
-                except OSError as e:
-                    self.fail(d, reason=f"flush failed: {e.strerror}")
+                    d.device.sync()
+                except DeviceError as e:
+                    self.fail(d, reason=str(e))
 
     def discard(self, sector: int, count: int) -> None:
         """The range holds no data any more: whole bitmap chunks go back to Unwritten.
@@ -630,10 +626,10 @@ class Array:
             raw = new.build()
             raw += bytes(-len(raw) % SECTOR)
             try:
-                os.pwrite(d.device.fd, raw, new.super_offset * SECTOR)
-                os.fdatasync(d.device.fd)
-            except OSError as e:
-                self._mark_faulty(d, f"superblock write failed: {e.strerror}", force=True)
+                d.device.pwrite(new.super_offset * SECTOR, raw)
+                d.device.sync()
+            except DeviceError as e:
+                self._mark_faulty(d, f"superblock write failed: {e}", force=True)
                 continue
             d.member.sb = new
             d.corrected_reads = 0
@@ -728,7 +724,7 @@ class Array:
     def re_add(self, path: str) -> Rdev:
         """Bring back a member that left this array: with a bitmap, recover only what it missed."""
         with self._sb_lock:
-            m = open_member(path, writable=True)
+            m = open_member(path, writable=True, opener=self.opener)
             try:
                 check_member(m)
                 if m.sb.set_uuid != self.sb.set_uuid:
@@ -767,16 +763,16 @@ class Array:
         with self._sb_lock:
             used = {d.sb.dev_number for d in self.rdevs}
             dev_number = next(i for i in range(len(used) + 1) if i not in used)
-            device = Device(path, writable=True)
+            device = self.opener(path, True) if self.opener else Device(path, writable=True)
             try:
                 sb = new_member_superblock(self.sb, device, dev_number, force=force)
                 raw = sb.build()
-                os.pwrite(device.fd, raw + bytes(-len(raw) % SECTOR), sb.super_offset * SECTOR)
+                device.pwrite(sb.super_offset * SECTOR, raw + bytes(-len(raw) % SECTOR))
                 if self.sb.has_bitmap:
                     # The bitmap area must hold a copy before this member is read from.
                     area_at = (sb.super_offset + sb.bitmap_offset) * SECTOR
-                    os.pwrite(device.fd, self.bitmap.area_image(), area_at)
-                os.fdatasync(device.fd)
+                    device.pwrite(area_at, self.bitmap.area_image())
+                device.sync()
                 m = Member(device, sb)
             except BaseException:
                 device.close()

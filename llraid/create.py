@@ -304,21 +304,15 @@ def create(paths: Sequence[str], spec: CreateSpec, *, force: bool = False) -> li
 def _write_member(d: Device, sb: Superblock1, bitmap_area: bytes) -> None:
     raw = sb.build()
     raw += bytes(-len(raw) % 512)
-    try:
-        # The whole 4 KiB superblock area, so no stale bytes of an older superblock remain.
-        os.pwrite(d.fd, raw + bytes(4096 - len(raw)), sb.super_offset * SECTOR)
-        if bitmap_area:
-            os.pwrite(d.fd, bitmap_area, (sb.super_offset + sb.bitmap_offset) * SECTOR)
-        for minor in (0, 1, 2):  # no other md superblock may survive next to ours
-            other = super_offset_for(minor, d.sectors)
-            if (
-                other != sb.super_offset
-                and int.from_bytes(d.pread(other * SECTOR, 4), "little") == MD_SB_MAGIC
-            ):
-                os.pwrite(d.fd, bytes(4096), other * SECTOR)
-        os.fdatasync(d.fd)
-    except OSError as e:
-        raise DeviceError(f"{d.path}: write failed: {e.strerror}") from None
+    # The whole 4 KiB superblock area, so no stale bytes of an older superblock remain.
+    d.pwrite(sb.super_offset * SECTOR, raw + bytes(4096 - len(raw)))
+    if bitmap_area:
+        d.pwrite((sb.super_offset + sb.bitmap_offset) * SECTOR, bitmap_area)
+    for minor in (0, 1, 2):  # no other md superblock may survive next to ours
+        other = super_offset_for(minor, d.sectors)
+        if other != sb.super_offset and int.from_bytes(d.pread(other * SECTOR, 4), "little") == MD_SB_MAGIC:
+            d.pwrite(other * SECTOR, bytes(4096))
+    d.sync()
 
 
 def new_member_superblock(

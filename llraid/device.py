@@ -1,7 +1,9 @@
 """Member devices: regular files or block devices, addressed in bytes with pread/pwrite.
 
 A device is opened once and shared; pread/pwrite take no lock, so many threads can do IO on
-one member at the same time.
+one member at the same time. Every member IO of llraid goes through these methods (pread,
+pwrite, sync), so a test can put a simulated device (volatile cache, injected faults) in place
+of a real one.
 """
 
 from __future__ import annotations
@@ -52,6 +54,30 @@ class Device:
         if len(data) != length:
             raise DeviceError(f"{self.path}: short read at byte {offset}")
         return data
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, dsync: bool = False) -> None:
+        """Write all of ``data`` at ``offset`` (durably first with ``dsync``), or :class:`DeviceError`."""
+        if offset < 0 or offset + len(data) > self.size:
+            raise DeviceError(
+                f"{self.path}: write of {len(data)} bytes at {offset} is past the end ({self.size} bytes)"
+            )
+        try:
+            n = (
+                os.pwritev(self.fd, [data], offset, os.RWF_DSYNC)
+                if dsync
+                else os.pwrite(self.fd, data, offset)
+            )
+        except OSError as e:
+            raise DeviceError(f"{self.path}: write error at byte {offset}: {e.strerror}") from None
+        if n != len(data):
+            raise DeviceError(f"{self.path}: short write at byte {offset}")
+
+    def sync(self) -> None:
+        """Everything written so far is durable (fdatasync), or :class:`DeviceError`."""
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            raise DeviceError(f"{self.path}: flush failed: {e.strerror}") from None
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -8,6 +8,7 @@ another minor version), the newest creation time wins, as in mdadm.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from llraid.device import SECTOR, Device
@@ -108,8 +109,13 @@ def load_member(device: Device, minor: int | None = None) -> Member:
     return member
 
 
-def open_member(path: str, minor: int | None = None, *, writable: bool = False) -> Member:
-    device = Device(path, writable=writable)
+DeviceOpener = Callable[[str, bool], Device]  # (path, writable) -> device; tests put simulations here
+
+
+def open_member(
+    path: str, minor: int | None = None, *, writable: bool = False, opener: DeviceOpener | None = None
+) -> Member:
+    device = opener(path, writable) if opener else Device(path, writable=writable)
     try:
         return load_member(device, minor)
     except BaseException:

@@ -8,13 +8,12 @@ kicks it) and is not used again; only when no member is left does the store rais
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from llraid.device import Device
-from llraid.errors import BitmapIOError
+from llraid.errors import BitmapIOError, DeviceError
 
 
 @dataclass
@@ -30,7 +29,7 @@ class BitmapTarget:
         return self.device.path
 
 
-ErrorHook = Callable[[BitmapTarget, OSError], None]
+ErrorHook = Callable[[BitmapTarget, Exception], None]
 
 
 class BitmapStore:
@@ -44,7 +43,7 @@ class BitmapStore:
     def healthy(self) -> list[BitmapTarget]:
         return [t for t in self.targets if not t.failed]
 
-    def _fail(self, target: BitmapTarget, err: OSError) -> None:
+    def _fail(self, target: BitmapTarget, err: Exception) -> None:
         with self._fail_lock:
             if target.failed:
                 return
@@ -56,11 +55,8 @@ class BitmapStore:
         """``length`` bytes at ``offset`` in the bitmap area, from the first member that can."""
         for t in self.healthy():
             try:
-                data = os.pread(t.device.fd, length, t.offset + offset)
-                if len(data) != length:
-                    raise OSError(5, f"short read of bitmap at {t.offset + offset}")
-                return data
-            except OSError as e:
+                return t.device.pread(t.offset + offset, length)
+            except DeviceError as e:
                 self._fail(t, e)
         raise BitmapIOError("cannot read the bitmap from any member")
 
@@ -72,13 +68,12 @@ class BitmapStore:
         for t in self.healthy():
             try:
                 for offset, data in pieces:
-                    if os.pwrite(t.device.fd, data, t.offset + offset) != len(data):
-                        raise OSError(5, f"short write of bitmap at {t.offset + offset}")
+                    t.device.pwrite(t.offset + offset, data)
                     self.writes += 1
-                os.fdatasync(t.device.fd)
+                t.device.sync()
                 self.syncs += 1
                 done += 1
-            except OSError as e:
+            except DeviceError as e:
                 self._fail(t, e)
         if not done:
             raise BitmapIOError("cannot write the bitmap to any member")
