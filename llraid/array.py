@@ -87,6 +87,7 @@ class Rdev:
     bitmap_sync: bool = False  # a re-added member: recover only what the bitmap marks
     target: BitmapTarget | None = None
     corrected_reads: int = 0
+    replaces: Rdev | None = None  # md's replacement: built while this member still serves
 
     def __post_init__(self) -> None:
         self.name = self.member.path  # cached: used on every IO for the counters
@@ -204,6 +205,7 @@ class Array:
         self.fault_log: list[tuple[str, str]] = []  # (member, why) for every member failed
         self.opener: DeviceOpener | None = None
         self._role_map: dict[int, Rdev] = {}
+        self._replacements: dict[int, Rdev] = {}  # role -> the member being built to replace it
         self._pending_sb = False  # members failed whose failure the superblocks do not show yet
         self._rebuild_role_map()
 
@@ -256,7 +258,14 @@ class Array:
                 bitmap_sync = bool(m.sb.feature_map & Feature.RECOVERY_BITMAP)
                 rdevs.append(Rdev(m, RdevState.RECOVERING, role, slot.in_sync_below, bitmap_sync))
         for m in asm.spares:
-            rdevs.append(Rdev(m, RdevState.SPARE, None))
+            role = ref.role_of(m.sb.dev_number)
+            old = next((d for d in rdevs if d.role == role and d.state is RdevState.IN_SYNC), None)
+            if m.sb.feature_map & Feature.REPLACEMENT and old is not None and not readonly:
+                # a replacement interrupted by a stop or crash: keep building it where it was
+                done = m.sb.recovery_offset if m.sb.feature_map & Feature.RECOVERY_OFFSET else 0
+                rdevs.append(Rdev(m, RdevState.RECOVERING, role, done, False, replaces=old))
+            else:
+                rdevs.append(Rdev(m, RdevState.SPARE, None))
         for m in asm.stale + asm.faulty:
             m.device.close()  # kicked (non-fresh or failed); re-add it to bring it back
         array = cls(ref, rdevs, readonly=readonly)
@@ -371,7 +380,14 @@ class Array:
 
     def _rebuild_role_map(self) -> None:
         live = (RdevState.IN_SYNC, RdevState.RECOVERING)
-        self._role_map = {d.role: d for d in self.rdevs if d.role is not None and d.state in live}
+        self._role_map = {
+            d.role: d for d in self.rdevs if d.role is not None and d.state in live and d.replaces is None
+        }
+        self._replacements = {
+            d.role: d
+            for d in self.rdevs
+            if d.role is not None and d.replaces is not None and d.state is RdevState.RECOVERING
+        }
 
     def is_degraded(self) -> bool:
         """BitmapHost: fewer in-sync members than slots (md's mddev->degraded != 0)."""
@@ -498,6 +514,12 @@ class Array:
                     written += 1
                 except DeviceError as e:
                     self.fail(d, reason=str(e))
+                r = self._replacements.get(role) if self._replacements else None
+                if r is not None:  # a replacement being built gets every write too
+                    try:
+                        self.write_member(r, ms, chunk, fua=fua)
+                    except DeviceError as e:
+                        self.fail(r, reason=str(e))
             if not written:
                 raise IOFailure(f"no member could write array sectors {p.sector}..{p.sector + p.count - 1}")
 
@@ -579,6 +601,8 @@ class Array:
         if self.sb.has_bitmap:
             fm |= Feature.BITMAP_OFFSET
         recovery = 0
+        if d.replaces is not None:
+            fm |= Feature.REPLACEMENT
         if d.state is RdevState.RECOVERING:
             fm |= Feature.RECOVERY_OFFSET
             if d.bitmap_sync and self.sb.has_bitmap:
@@ -697,6 +721,41 @@ class Array:
                 if self._pending_sb:
                     self._activate_spares()
                     self.update_sb()
+
+    def finish_recovery(self, d: Rdev) -> None:
+        """A member finished recovering: it is in sync; a replaced member is failed out."""
+        with self._sb_lock:
+            old = d.replaces
+            d.state, d.recovery_offset, d.bitmap_sync, d.replaces = RdevState.IN_SYNC, 0, False, None
+            if old is not None and old.state is not RdevState.FAULTY:
+                old.state = RdevState.FAULTY
+                if old.target is not None:
+                    old.target.failed = True
+                self.fault_log.append((old.path, f"replaced by {d.path}"))
+            self._rebuild_role_map()
+            self._refresh_bitmap_targets()
+            self.bitmap.close_sync()
+            self.update_sb()
+
+    def replace(self, which: Rdev | str | int, path: str, *, force: bool = False) -> Rdev:
+        """md's replace: build ``path`` into the role of ``which`` while it keeps serving; the
+        old member is failed out when the new one is complete (no window without redundancy)."""
+        with self._sb_lock:
+            old = self._find(which)
+            if old.state is not RdevState.IN_SYNC or old.role is None:
+                raise LlraidError(f"{old.path} is {old.state.value}: only an in-sync member can be replaced")
+            if old.role in self._replacements:
+                raise LlraidError(f"role {old.role} is already being replaced")
+            d = self.add_spare(path, force=force)
+            if d.state is not RdevState.SPARE:  # took a free slot instead: that is plain recovery
+                return d
+            d.role, d.state, d.recovery_offset, d.bitmap_sync, d.replaces = (
+                old.role, RdevState.RECOVERING, 0, False, old,
+            )  # fmt: skip
+            self._rebuild_role_map()
+            self._refresh_bitmap_targets()
+            self.update_sb()
+            return d
 
     def _activate_spares(self) -> None:
         """md: a spare takes a free slot and is recovered into it (fully)."""

@@ -316,6 +316,8 @@ def cmd_control(args: argparse.Namespace) -> int:
     cargs = list(getattr(args, "targets", None) or [])
     if args.command in ("set",):
         cargs = [args.name, args.value]
+    elif args.command == "replace":
+        cargs.append(args.new)
     result = _control(args, args.control_cmd, cargs)
     if args.command in ("detail",) and not args.json:
         print(_detail_text(result))
@@ -579,6 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     control("remove", "remove", "remove a faulty or spare member", 1)
     control("re-add", "re-add", "bring back a member that left (bitmap-driven recovery)", 1)
     control("add", "add", "add a new member (spare, or into a free slot)", 1)
+    rp = control("replace", "replace", "rebuild a new device into a member's role, then fail the member", 1)
+    rp.add_argument("--with", dest="new", required=True, metavar="NEWDEV", help="the device that takes over")
     control("bits", "bits", "the bitmap's sysfs 'bits' view")
     control("metadata", "metadata", "the bitmap's sysfs 'metadata' view")
     control("stop", "stop", "stop the running array cleanly")

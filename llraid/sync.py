@@ -273,12 +273,7 @@ class _Sync:
             self._throttle()
             if self.progress:
                 self.progress(self.kind.value, ms, end)
-        with self.array._sb_lock:
-            target.state = RdevState.IN_SYNC
-            target.recovery_offset = 0
-            target.bitmap_sync = False
-            self.bm.close_sync()
-            self.array.update_sb()
+        self.array.finish_recovery(target)
         self.stats.completed = True
 
     def _locked(self, v: int, n: int, work: Callable[[], None]) -> None:

@@ -876,3 +876,51 @@ def test_fail_by_path_finds_the_right_memfd(tmp_path: Path, memfd_members: Calla
     with assemble(paths) as array:
         d = array.fail(paths[1])
         assert d.path == paths[1] and d.role == 1
+
+
+# ---- replace ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bitmap", BITMAPS, ids=lambda b: b.value)
+def test_replace_keeps_redundancy_and_copies_only_written_chunks_with_llbitmap(
+    tmp_path: Path, bitmap: BitmapKind
+) -> None:
+    paths = new_array(tmp_path, R10_N2, bitmap)
+    new = spare_file(tmp_path, "new.img")
+    with assemble(paths) as array:
+        array.write(2048, blob("a", 64 * 1024))
+        r = array.replace(2, new)
+        assert r.state is RdevState.RECOVERING and r.role == 2 and r.replaces is not None
+        assert not array.is_degraded()  # the old member keeps serving while the new one is built
+        assert read_sb(new).feature_map & 16  # MD_FEATURE_REPLACEMENT on disk
+        array.write(2048 + 128, blob("b", 4096))  # a write during the replacement reaches both
+        stats = run_sync(array)
+        assert stats.kind == "recovery" and stats.completed
+        written = stats.bytes_written[new]
+        half = array.array_bytes // 2  # n2 on 4 members: a member holds half of the array
+        if bitmap is LOCKLESS:
+            assert 0 < written < half  # only chunks that were ever written (and their block)
+        else:
+            assert written == half  # no way to know what was written: everything
+        states = {d.path: (d.state, d.role) for d in array.rdevs}
+        assert states[paths[2]][0] is RdevState.FAULTY and states[new] == (RdevState.IN_SYNC, 2)
+        assert run_sync(array, SyncKind.CHECK).mismatches == 0
+        array.remove(paths[2])
+    with assemble([paths[0], paths[1], new, paths[3]]) as array:
+        assert array.read(2048, 128) == blob("a", 64 * 1024)
+        assert array.read(2048 + 128, 8) == blob("b", 4096)
+
+
+def test_replace_resumes_after_a_crash(tmp_path: Path) -> None:
+    paths = new_array(tmp_path, R10_N2, LOCKLESS)
+    new = spare_file(tmp_path, "new.img")
+    array = assemble(paths)
+    array.write(0, blob("c", 1 << 20))
+    array.replace(1, new)
+    array.crash()  # before any recovery ran
+    with assemble([*paths, new]) as array:
+        r = next(d for d in array.rdevs if d.path == new)
+        assert r.state is RdevState.RECOVERING and r.replaces is not None and r.replaces.path == paths[1]
+        assert run_sync(array).completed
+        assert run_sync(array, SyncKind.CHECK).mismatches == 0
+        assert {d.path for d in array.active()} == {paths[0], new, paths[2], paths[3]}

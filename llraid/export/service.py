@@ -263,6 +263,13 @@ class Service:
         if cmd == "add":
             d = a.add_spare(os.path.abspath(one()))
             return f"added {d.path}" + (f" into role {d.role}" if d.role is not None else " as a spare")
+        if cmd == "replace":
+            if len(args) != 2:
+                raise LlraidError("replace takes the member to replace and the new device")
+            d = a.replace(
+                os.path.abspath(args[0]) if not args[0].isdigit() else int(args[0]), os.path.abspath(args[1])
+            )
+            return f"replacing role {d.role} with {d.path}"
         if cmd == "bits":
             return a.bitmap.bits_view()
         if cmd == "metadata":
