@@ -291,7 +291,7 @@ class Array:
             self.bitmap = NoBitmap()
             self._refresh_bitmap_targets()
             return
-        store = BitmapStore([], on_error=self._bitmap_io_error)
+        store = BitmapStore([], on_error=self._bitmap_io_error, readonly=self.readonly)
         self._store = store
         self._refresh_bitmap_targets()
         first = store.targets[0] if store.targets else None

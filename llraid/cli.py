@@ -293,8 +293,11 @@ def _find_array(which: str | None) -> dict[str, Any]:
         if which.endswith(".ctl") and os.path.exists(which):
             return {"control": which, "uuid": which}
         key = which.replace(":", "")
-        names = (which, which.split(":")[-1])
-        hits = [a for a in arrays if a["uuid"].replace(":", "").startswith(key) or a["name"] in names]
+        hits = [
+            a
+            for a in arrays
+            if a["uuid"].replace(":", "").startswith(key) or which in (a["name"], a["name"].split(":")[-1])
+        ]
         if len(hits) == 1:
             return hits[0]
         raise LlraidError(f"no single running array matches {which!r}")
@@ -318,6 +321,9 @@ def cmd_control(args: argparse.Namespace) -> int:
         cargs = [args.name, args.value]
     elif args.command == "replace":
         cargs.append(args.new)
+    if args.command in ("fail", "remove", "re-add", "add", "replace"):
+        # the server runs elsewhere: member paths are resolved here, in the caller's directory
+        cargs = [os.path.abspath(a) if os.path.exists(a) else a for a in cargs]
     result = _control(args, args.control_cmd, cargs)
     if args.command in ("detail",) and not args.json:
         print(_detail_text(result))
@@ -485,6 +491,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.fixture, args.workdir)
 
 
+def _os_error_text(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        where = e.filename or ""
+        return f"{where}: {e.strerror}" if where and e.strerror else str(e.strerror or e)
+    return str(e)
+
+
 def _error(msg: str) -> None:
     print(f"llraid: {msg}", file=sys.stderr)
 
@@ -635,6 +648,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keep interpreter shutdown quiet
         return 0
+    except (OSError, OverflowError) as e:  # e.g. a socket that cannot be bound
+        _error(_os_error_text(e))
+        return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
 

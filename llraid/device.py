@@ -8,6 +8,7 @@ of a real one.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 from types import TracebackType
@@ -33,6 +34,13 @@ class Device:
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
                 raise DeviceError(f"{path}: not a regular file or block device")
             self.size = os.lseek(self.fd, 0, os.SEEK_END)  # block devices report 0 in st_size
+            if writable:
+                # One writer per member: a second llraid (serve, write, sync, create) on a member
+                # in use is refused before it writes anything. Readers (examine, cat) take no lock.
+                try:
+                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    raise DeviceError(f"{path}: in use by another llraid process") from None
         except BaseException:
             os.close(self.fd)
             raise

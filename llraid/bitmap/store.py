@@ -33,9 +33,12 @@ ErrorHook = Callable[[BitmapTarget, Exception], None]
 
 
 class BitmapStore:
-    def __init__(self, targets: Sequence[BitmapTarget], on_error: ErrorHook | None = None) -> None:
+    def __init__(
+        self, targets: Sequence[BitmapTarget], on_error: ErrorHook | None = None, *, readonly: bool = False
+    ) -> None:
         self.targets = list(targets)
         self.on_error = on_error
+        self.readonly = readonly  # a read-only array: bitmap changes stay in memory
         self._fail_lock = threading.Lock()  # only taken when a member fails: never on the IO path
         self.writes = 0  # block writes issued, per member (for tests and benchmarks)
         self.syncs = 0
@@ -62,7 +65,7 @@ class BitmapStore:
 
     def write(self, pieces: Sequence[tuple[int, bytes]]) -> None:
         """Write ``(offset, data)`` pieces to every healthy member, durably, then return."""
-        if not pieces:
+        if not pieces or self.readonly:
             return
         done = 0
         for t in self.healthy():

@@ -178,7 +178,7 @@ class NbdServer:
         for srv in self._servers:
             srv.close()
         for w in list(self._conns):
-            w.close()
+            w.transport.abort()  # a client that stopped reading must not hold up the stop
         for srv in self._servers:
             with contextlib.suppress(Exception):
                 await srv.wait_closed()
@@ -202,7 +202,7 @@ class NbdServer:
             self._conns.discard(writer)
             writer.close()
             with contextlib.suppress(Exception):
-                await writer.wait_closed()
+                await asyncio.wait_for(writer.wait_closed(), timeout=5)
 
     async def _negotiate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         writer.write(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))

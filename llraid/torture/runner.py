@@ -1,0 +1,918 @@
+"""Randomised torture runs: a workload with known data, power cuts and faults, then proof.
+
+One run (:func:`run_one`) creates a small array (raid1 or raid10 n2/f2/o2, with no bitmap, the
+classic bitmap or llbitmap) on files, and then goes through one to three *generations*. Each
+generation assembles the members through a :class:`~llraid.torture.simdev.SimWorld` (volatile
+write caches), runs a seeded workload and ends with a power cut at a chosen IO (any write, a
+superblock write, a bitmap write, a data write or a flush), at the end, or with a clean stop.
+What is left of the members is assembled again by the next generation, whose resync or
+recovery runs with the workload interleaved (so cuts also fall during resync and recovery).
+Generations may fail a member and re-add it or replace it with a spare; *fault* runs inject
+EIO on reads, writes, flushes or the bitmap area, or make a member vanish.
+
+At the end the members are assembled once more, and checked:
+
+(a) every write acknowledged and then covered by a completed flush (or written FUA) reads back
+    exactly (or as a newer write to the same sector); nothing reads back as garbage; what was
+    read right after assembly does not change when resync/recovery runs;
+(b) after resync/recovery, all copies agree (a direct comparison of every copy, and
+    ``check``'s mismatch count);
+(c) with llbitmap: no chunk was Unwritten/Clean on disk (on any in-sync member) while its
+    copies differed, and resync read or wrote only chunks the bitmap marked.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llraid.array import Array, IOFailure, Rdev, RdevState
+from llraid.bitmap.base import SyncKind
+from llraid.bitmap.classic import ClassicBitmap
+from llraid.bitmap.lockless import LocklessBitmap
+from llraid.create import CreateSpec, create, parse_layout
+from llraid.device import SECTOR
+from llraid.errors import LlraidError, NotMdMemberError
+from llraid.format.bitmap import BitmapKind
+from llraid.format.llbitmap import DATA_OFFSET, LLState
+from llraid.member import open_member
+from llraid.sync import needed_sync, run_sync
+from llraid.torture.oracle import Oracle, Verdict
+from llraid.torture.simdev import CutPlan, CutReport, Fault, Layout, SimWorld
+
+MiB = 1 << 20
+LEVELS = ("raid1", "raid10n2", "raid10f2", "raid10o2")
+BITMAPS = ("none", "classic", "lockless")
+_BITMAP_KINDS = {"none": BitmapKind.NONE, "classic": BitmapKind.CLASSIC, "lockless": BitmapKind.LOCKLESS}
+FAULT_KINDS = ("read", "write", "vanish", "bitmap", "sync", "slow")
+# Mutating ops of each kind a generation issues, roughly (measured over all configurations).
+_CUT_RANGE = {"any": 400, "sb": 35, "bitmap": 60, "data": 220, "sync": 100}
+
+
+@dataclass(frozen=True)
+class Config:
+    level: str  # one of LEVELS
+    bitmap: str  # one of BITMAPS
+
+    @property
+    def name(self) -> str:
+        return f"{self.level}/{self.bitmap}"
+
+
+@dataclass
+class RunResult:
+    seed: int
+    config: str
+    mode: str  # "cut" or "fault"
+    geometry: str = ""
+    cuts: list[CutReport] = field(default_factory=list)
+    faults: list[str] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+    writes: int = 0
+    writes_durable: int = 0
+    verdict: Verdict = field(default_factory=Verdict)
+    live: Verdict = field(default_factory=Verdict)
+    mismatches: int = 0  # sectors whose copies differ after the final sync (direct comparison)
+    check_mismatches: int = 0  # what `check` counted
+    clean_while_differing: int = 0  # llbitmap chunks Unwritten/Clean on disk with differing copies
+    resync_outside: int = 0  # llbitmap chunks resync touched that the bitmap did not mark
+    errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        v = self.verdict
+        return not (
+            self.errors
+            or v.lost
+            or v.garbage
+            or v.unstable
+            or self.live.lost
+            or self.live.garbage
+            or self.live.unstable
+            or self.mismatches
+            or self.check_mismatches
+            or self.clean_while_differing
+            or self.resync_outside
+        )
+
+    def summary(self) -> str:
+        cuts = ", ".join(f"{c.kind}@{c.op} in {c.phase} ({c.lost}/{c.pending} lost)" for c in self.cuts)
+        bits = [f"seed {self.seed} {self.config} [{self.geometry}] {self.mode}"]
+        if cuts:
+            bits.append(f"cuts: {cuts}")
+        if self.faults:
+            bits.append(f"faults: {', '.join(self.faults)}")
+        v = self.verdict
+        bits.append(
+            f"verified {v.verified} lost {v.lost} garbage {v.garbage} unstable {v.unstable} "
+            f"live lost {self.live.lost} mismatches {self.mismatches}/{self.check_mismatches} "
+            f"clean-while-differing {self.clean_while_differing} resync-outside {self.resync_outside}"
+        )
+        if v.first_problem:
+            bits.append(f"first problem: {v.first_problem}")
+        if self.live.first_problem:
+            bits.append(f"first live problem: {self.live.first_problem}")
+        bits.extend(f"error: {e}" for e in self.errors)
+        return "; ".join(bits)
+
+
+class _Stop(Exception):
+    """The generation's workload budget is spent."""
+
+
+def _geometry(cfg: Config, rng: random.Random) -> tuple[int, int, str | None, int]:
+    """``(level, disks, layout, chunk_sectors)``."""
+    if cfg.level == "raid1":
+        return 1, rng.choice([2, 2, 3]), None, 0
+    layout = cfg.level.removeprefix("raid10")
+    disks = rng.choice([4, 4, 3, 2]) if layout != "n2" else rng.choice([4, 4, 3])
+    return 10, disks, layout, rng.choice([16, 128, 1024])
+
+
+def _layout_of(path: str) -> Layout:
+    m = open_member(path)
+    try:
+        sb = m.sb
+        so = sb.super_offset * SECTOR
+        bm = (sb.super_offset + sb.bitmap_offset) * SECTOR if sb.has_bitmap else None
+        return Layout(so, so + 4096, bm, sb.data_offset * SECTOR)
+    finally:
+        m.device.close()
+
+
+class _Run:
+    """One torture run (see the module docstring)."""
+
+    def __init__(self, seed: int, cfg: Config, workdir: Path, mode: str) -> None:
+        self.rng = random.Random(seed)
+        self.cfg = cfg
+        self.dir = workdir
+        self.res = RunResult(seed, cfg.name, mode)
+        self.bitmap = _BITMAP_KINDS[cfg.bitmap]
+        self.member_bytes = 8 * MiB
+        self.paths: list[str] = []
+        self.new_spares: set[str] = set()
+        self.nspare = 0
+        self.array: Array | None = None
+        self.world: SimWorld | None = None
+        self.oracle: Oracle | None = None
+        self.budget = 0
+        self.membership: tuple[tuple[str, str], ...] = ()
+        self.trace: list[str] | None = [] if os.environ.get("LLRAID_TORTURE_TRACE") else None
+
+    # ---- set-up -----------------------------------------------------------------------------
+
+    def _file(self, name: str) -> str:
+        p = self.dir / name
+        with open(p, "wb") as f:
+            f.truncate(self.member_bytes)
+        return str(p)
+
+    def create(self) -> None:
+        level, disks, layout, chunk = _geometry(self.cfg, self.rng)
+        self.res.geometry = f"raid{level}x{disks}{layout or ''}" + (f" chunk {chunk}" if chunk else "")
+        self.paths = [self._file(f"m{i}.img") for i in range(disks)]
+        assume_clean = self.bitmap is not BitmapKind.LOCKLESS
+        spec = CreateSpec(
+            level=level,
+            raid_devices=disks,
+            layout=parse_layout(level, layout),
+            chunk_sectors=chunk,
+            bitmap=self.bitmap,
+            assume_clean=assume_clean,
+            name="torture",
+            minor=2,
+            size=None,
+            homehost="torture",
+        )
+        create(self.paths, spec)
+        self.layout = _layout_of(self.paths[0])
+        # First start: llbitmap initialises its chunks, classic clears mdadm's all-set bits.
+        with Array.assemble(self.paths, bitmap_threads=False) as array:
+            run_sync(array)
+            self.oracle = Oracle(array.array_sectors, self.rng.getrandbits(64))
+            self.sectors = array.array_sectors
+            self.bm_chunk = 128
+            if isinstance(array.bitmap, LocklessBitmap):
+                self.bm_chunk = array.bitmap.chunksize
+            self.raid_chunk = chunk or 128
+
+    # ---- the workload --------------------------------------------------------------------------
+
+    def _trace(self, what: str) -> None:
+        if self.trace is not None:
+            w = self.world
+            self.trace.append(f"[{w.mutations if w else '-'}] {what}")
+
+    def _trace_members(self, when: str) -> None:
+        if self.trace is None:
+            return
+        for p in self.paths:
+            try:
+                m = open_member(p)
+            except LlraidError as e:
+                self.trace.append(f"  {when} {Path(p).name}: {e}")
+                continue
+            sb = m.sb
+            m.device.close()
+            self.trace.append(
+                f"  {when} {Path(p).name}: dev {sb.dev_number} role {sb.role} events {sb.events} "
+                f"resync {sb.resync_offset:#x} feature {sb.feature_map:#x} recovery {sb.recovery_offset} "
+                f"roles {sb.dev_roles[:6]}"
+            )
+
+    @property
+    def a(self) -> Array:
+        assert self.array is not None
+        return self.array
+
+    @property
+    def o(self) -> Oracle:
+        assert self.oracle is not None
+        return self.oracle
+
+    def _spend(self) -> None:
+        if self.budget <= 0:
+            raise _Stop
+        self.budget -= 1
+
+    def _range(self) -> tuple[int, int]:
+        rng, n = self.rng, self.sectors
+        how = rng.random()
+        unit = rng.choice([self.bm_chunk, self.raid_chunk])
+        if how < 0.35:  # a hot area: sectors are overwritten often
+            start = rng.randrange(0, min(n, 4096))
+            count = rng.choice([1, 8, rng.randint(1, 64), rng.randint(1, 256)])
+        elif how < 0.6:
+            start = rng.randrange(0, n)
+            count = rng.choice([1, 8, rng.randint(1, 64), rng.randint(1, 256)])
+        elif how < 0.8:  # whole chunks
+            start = rng.randrange(0, max(1, n // unit)) * unit
+            count = unit * rng.choice([1, 1, 2])
+        else:  # across a chunk boundary
+            b = rng.randrange(1, max(2, n // unit)) * unit
+            start = max(0, b - rng.randint(1, 24))
+            count = rng.randint(2, 64)
+        count = max(1, min(count, n - start))
+        return start, count
+
+    def write(self, start: int | None = None, count: int | None = None) -> None:
+        self._spend()
+        if start is None or count is None:
+            start, count = self._range()
+        fua = self.rng.random() < 0.2
+        wid, data = self.o.new_write(start, count)
+        self.res.writes += 1
+        self._trace(f"write #{wid} {start}+{count}{' fua' if fua else ''}")
+        self.a.write(start, data, fua=fua)
+        self.o.acknowledged(wid, fua)
+
+    def flush(self) -> None:
+        self._spend()
+        covered = self.o.flush_started()
+        self._trace(f"flush {covered}")
+        self.a.flush()
+        self.o.flush_done(covered)
+
+    def read(self, start: int | None = None, count: int | None = None) -> None:
+        self._spend()
+        if start is None or count is None:
+            start, count = self._range()
+        self._membership_changed()
+        data = self.a.read(start, count)
+        v = self.o.check(start, data, live=True)
+        self.res.live.add(v)
+
+    def daemon(self) -> None:
+        self._spend()
+        bm = self.a.bitmap
+        self._trace("daemon")
+        if isinstance(bm, LocklessBitmap):
+            bm.daemon_work(now=time.monotonic() + 1e9)
+        elif isinstance(bm, ClassicBitmap):
+            bm.daemon_pass()
+
+    def mark_clean(self) -> None:
+        self._spend()
+        self.a.safe_mode_delay = 0.0
+        self._trace(f"mark clean: {self.a.try_mark_clean()}")
+
+    def step(self) -> None:
+        r = self.rng.random()
+        if r < 0.55:
+            self.write()
+        elif r < 0.65:
+            self.flush()
+        elif r < 0.85:
+            self.read()
+        elif r < 0.93:
+            self.daemon()
+        else:
+            self.mark_clean()
+
+    def _membership_changed(self) -> None:
+        """Reads may move to another copy when members change: forget what was read."""
+        sig = tuple((d.path, d.state.value) for d in self.a.rdevs)
+        if sig != self.membership:
+            self.membership = sig
+            self.o.seen[:] = -2
+
+    def sync(self, kind: SyncKind | None = None) -> None:
+        """Resync or recovery to the end, with workload steps between its windows."""
+        rng = self.rng
+        rate = rng.choice([0.0, 0.05, 0.3])
+
+        def progress(kind: str, done: int, total: int) -> None:
+            if rng.random() < rate:
+                for _ in range(rng.randint(1, 3)):
+                    self.step()
+
+        if self.world is not None:
+            self.world.phase = (kind or needed_sync(self.a) or SyncKind.RESYNC).value
+        cp = rng.choice([1000.0, 1000.0, 0.002])
+        self._trace(f"sync {kind or needed_sync(self.a)} (checkpoints {cp})")
+        stats = run_sync(self.a, kind, progress=progress, checkpoint_seconds=cp)
+        self._trace(f"sync done: {stats.kind} completed {stats.completed} synced {stats.sectors_synced}")
+        if self.world is not None:
+            self.world.phase = "workload"
+        if not stats.completed:
+            raise LlraidError(f"{stats.kind} did not complete")
+
+    def sync_all(self) -> None:
+        for _ in range(4):
+            if needed_sync(self.a) is None:
+                return
+            self.sync()
+
+    # ---- membership events and faults --------------------------------------------------------------
+
+    def _live_rdev(self) -> Rdev:
+        live = [d for d in self.a.rdevs if d.state is RdevState.IN_SYNC]
+        return self.rng.choice(live)
+
+    def _replace(self, d: Rdev, *, readd: bool) -> None:
+        """``d`` is faulty: remove it, then re-add it or add a new spare, and recover."""
+        assert self.world is not None
+        self.a.remove(d)
+        self.paths.remove(d.path)
+        self.world.clear_faults(d.path)
+        for _ in range(self.rng.randint(0, 6)):
+            self.step()  # degraded writes
+        if readd:
+            self.res.events.append(f"re-add {Path(d.path).name}")
+            self.a.re_add(d.path)
+            self.paths.append(d.path)
+        else:
+            self.nspare += 1
+            new = self._file(f"s{self.nspare}.img")
+            self.new_spares.add(new)
+            self.paths.append(new)
+            self.res.events.append(f"spare {Path(new).name} for {Path(d.path).name}")
+            self.a.add_spare(new)
+        self.sync_all()
+
+    def fail_event(self) -> None:
+        d = self._live_rdev()
+        try:
+            self.a.fail(d)
+        except IOFailure:
+            self.res.events.append(f"fail {Path(d.path).name} refused (last copy of some data)")
+            return
+        self.res.events.append(f"fail {Path(d.path).name}")
+        for _ in range(self.rng.randint(0, 6)):
+            self.step()
+        self._replace(d, readd=self.rng.random() < 0.6)
+
+    def fault_event(self) -> None:
+        assert self.world is not None
+        rng = self.rng
+        kinds = [k for k in FAULT_KINDS if k != "bitmap" or self.bitmap is not BitmapKind.NONE]
+        kind = rng.choice(kinds)
+        lay = self.layout
+        start, count = self._range()
+        # a member holding one copy of array sectors [start, start+count), and where
+        assert self.a.mirror is not None
+        piece = self.a.mirror.pieces(start, count)[0]
+        role, ms = rng.choice(
+            [(r, ms) for r, ms in piece.copies if self.a.available(r, ms, piece.count)]
+        )
+        d = self.a.by_role(role)
+        assert d is not None
+        name = Path(d.path).name
+        lo = lay.data_start + ms * SECTOR
+        hi = lo + piece.count * SECTOR
+        self.res.faults.append(f"{kind} on {name}")
+        if kind == "read":
+            self.world.add_fault(d.path, Fault("read", lo, hi))
+            for _ in range(rng.randint(1, 4)):
+                self.read(piece.sector, piece.count)
+            self.world.clear_faults(d.path)
+            return
+        if kind == "slow":
+            self.world.add_fault(d.path, Fault("slow", delay=0.0002, hits=50))
+            for _ in range(rng.randint(2, 8)):
+                self.step()
+            self.world.clear_faults(d.path)
+            return
+        if kind == "write":
+            self.world.add_fault(d.path, Fault("write", lo, hi))
+            self.write(piece.sector, piece.count)
+        elif kind == "vanish":
+            self.world.add_fault(d.path, Fault("vanish"), in_ops=rng.randint(0, 4))
+            self.write()
+            self.flush()
+        elif kind == "bitmap":
+            assert lay.bitmap_start is not None
+            self.world.add_fault(d.path, Fault("write", lay.bitmap_start, lay.data_start))
+            if isinstance(self.a.bitmap, LocklessBitmap):
+                self.a.bitmap.daemon_work(now=time.monotonic() + 1e9)
+            elif isinstance(self.a.bitmap, ClassicBitmap):
+                for _ in range(3):
+                    self.a.bitmap.daemon_pass()
+            for _ in range(4):
+                if d.state is RdevState.FAULTY:
+                    break
+                self.write()
+            if d.state is not RdevState.FAULTY:  # classic: a superblock change writes page 0
+                self.a.update_sb()
+        elif kind == "sync":
+            self.world.add_fault(d.path, Fault("sync"))
+            self.write()
+            self.flush()
+        if d.state is not RdevState.FAULTY:
+            self.res.errors.append(f"{kind} fault on {name}: the member was not marked faulty")
+            self.world.clear_faults(d.path)
+            return
+        for _ in range(rng.randint(0, 5)):
+            self.step()  # degraded, still serving from the good copies
+        self._replace(d, readd=rng.random() < 0.5)
+
+    # ---- generations ----------------------------------------------------------------------------------
+
+    def _cut_at(self, kind: str) -> int:
+        """The op of ``kind`` to cut at: uniform over about what a generation issues."""
+        return self.rng.randint(1, _CUT_RANGE[kind])
+
+    def _assemble(self, opener: Callable[[str, bool], Any] | None) -> Array:
+        paths = []
+        for p in self.paths:
+            if p in self.new_spares:
+                try:
+                    open_member(p).device.close()
+                except NotMdMemberError:
+                    self.res.events.append(f"{Path(p).name} never got its superblock: left out")
+                    continue
+            paths.append(p)
+        self.paths = paths
+        return Array.assemble(paths, run=True, bitmap_threads=False, opener=opener)
+
+    def generation(self, g: int, last: bool) -> None:
+        rng = self.rng
+        res = self.res
+        cut_mode = res.mode == "cut"
+        plan = None
+        if cut_mode:
+            kinds = ["any", "any", "any", "sb", "data", "sync"]
+            if self.bitmap is not BitmapKind.NONE:
+                kinds.append("bitmap")
+            kind = rng.choice(kinds)
+            plan = CutPlan(kind, self._cut_at(kind))
+        world = SimWorld(
+            rng.getrandbits(32), layout=self.layout, cut=plan, tear=rng.choice([0.0, 0.0, 0.3])
+        )
+        self.world = world
+        world.phase = "assemble"
+        self.budget = rng.randint(50, 200)
+        self._trace(f"generation {g}: cut plan {plan}")
+        self._trace_members("before")
+        stopped = False
+        try:
+            self.array = self._assemble(world.opener)
+            self.membership = ()
+            world.phase = "workload"
+            if needed_sync(self.a) is not None and rng.random() < 0.8:
+                self.sync_all()
+            events = rng.random()
+            if res.mode == "fault":
+                at = {rng.randint(0, self.budget // 2)} | ({self.budget // 2} if events < 0.3 else set())
+            elif events < 0.25:
+                at = {rng.randint(0, self.budget // 2)}
+            else:
+                at = set()
+            i = 0
+            while True:
+                if i in at:
+                    (self.fault_event if res.mode == "fault" else self.fail_event)()
+                self.step()
+                i += 1
+        except _Stop:
+            pass
+        except LlraidError as e:
+            if not world.dead:
+                res.errors.append(f"gen {g} ({world.phase}): unexpected {type(e).__name__}: {e}")
+        except Exception as e:
+            tb = traceback.format_exc(limit=-3).strip().splitlines()
+            res.errors.append(f"gen {g} ({world.phase}): crash {type(e).__name__}: {e} | {' / '.join(tb)}")
+        if not world.dead and self.array is not None and not res.errors:
+            end = rng.random()
+            if end < 0.3 or (not cut_mode and end < 0.6):
+                world.phase = "stop"
+                try:
+                    self.a.stop()
+                    stopped = True
+                    self.o.everything_durable()
+                except LlraidError as e:
+                    if not world.dead:
+                        res.errors.append(f"gen {g}: stop failed: {type(e).__name__}: {e}")
+        if not world.dead and not stopped:
+            world.power_off()
+        if world.dead:
+            self.o.power_cut()
+            assert world.cut_report is not None
+            res.cuts.append(world.cut_report)
+            self._trace(f"power cut: {world.cut_report}")
+        if self.array is not None and not stopped:
+            try:
+                self.array.crash()
+            except Exception as e:
+                res.errors.append(f"gen {g}: crash() raised {type(e).__name__}: {e}")
+        self.array = None
+
+    # ---- the proof -------------------------------------------------------------------------------
+
+    def _member_data(self, array: Array) -> dict[int, np.ndarray[Any, np.dtype[np.uint8]]]:
+        out = {}
+        for d in array.rdevs:
+            if d.role is not None and d.state in (RdevState.IN_SYNC, RdevState.RECOVERING):
+                raw = d.device.pread(d.data_offset_bytes, array.dev_sectors * SECTOR)
+                out[d.role] = np.frombuffer(raw, dtype=np.uint8).reshape(-1, SECTOR)
+        return out
+
+    def _differing(self, array: Array) -> list[tuple[int, int]]:
+        """``(sync sector, count)`` of pieces whose available copies differ."""
+        assert array.mirror is not None
+        data = self._member_data(array)
+        out = []
+        step = 4096
+        for s in range(0, array.array_sectors, step):
+            for p in array.mirror.pieces(s, min(step, array.array_sectors - s)):
+                copies = [
+                    data[r][ms : ms + p.count]
+                    for r, ms in p.copies
+                    if r in data and array.available(r, ms, p.count)
+                ]
+                if len(copies) > 1 and any(not np.array_equal(copies[0], c) for c in copies[1:]):
+                    out.append((p.sector, p.count))
+        return out
+
+    def _ondisk_states(self, array: Array, bm: LocklessBitmap) -> list[np.ndarray[Any, np.dtype[np.uint8]]]:
+        out = []
+        for d in array.rdevs:
+            if d.state is RdevState.IN_SYNC:
+                at = (d.sb.super_offset + d.sb.bitmap_offset) * SECTOR + DATA_OFFSET
+                raw = d.device.pread(at, bm.chunks)
+                out.append(np.frombuffer(raw, dtype=np.uint8))
+        return out
+
+    def final(self) -> None:
+        res = self.res
+        world = SimWorld(self.rng.getrandbits(32), layout=self.layout)
+        self.world = world
+        world.phase = "final"
+        self._trace("final")
+        self._trace_members("final")
+        try:
+            array = self._assemble(world.opener)
+        except LlraidError as e:
+            res.errors.append(f"final assembly failed: {type(e).__name__}: {e}")
+            return
+        self.array = array
+        try:
+            self._prove(array, world)
+        except Exception as e:
+            tb = traceback.format_exc(limit=-3).strip().splitlines()
+            res.errors.append(f"final ({world.phase}): {type(e).__name__}: {e} | {' / '.join(tb)}")
+        finally:
+            try:
+                array.stop()
+            except LlraidError:
+                array.crash()
+            self.array = None
+
+    def _read_all(self, array: Array, *, stable: bool) -> Verdict:
+        total = Verdict()
+        step = 2048
+        for s in range(0, array.array_sectors, step):
+            n = min(step, array.array_sectors - s)
+            total.add(self.o.check(s, array.read(s, n), live=False, stable=stable))
+        return total
+
+    def _prove(self, array: Array, world: SimWorld) -> None:
+        res = self.res
+        assert array.mirror is not None
+        bm = array.bitmap
+        marked: set[int] = set()
+        if isinstance(bm, LocklessBitmap):
+            # (c) on disk: a chunk whose copies differ must not be Unwritten or Clean anywhere.
+            shift = bm.chunkshift
+            differing_chunks = set()
+            for v, n in self._differing(array):
+                differing_chunks.update(range(v >> shift, ((v + n - 1) >> shift) + 1))
+            for states in self._ondisk_states(array, bm):
+                bad = [c for c in differing_chunks if states[c] in (LLState.UNWRITTEN, LLState.CLEAN)]
+                res.clean_while_differing += len(bad)
+                if bad:
+                    res.errors.append(
+                        f"llbitmap chunk {bad[0]} is {LLState(int(states[bad[0]])).name} on disk "
+                        "while its copies differ"
+                    )
+            live = bm.states[DATA_OFFSET : DATA_OFFSET + bm.chunks]
+            marked = {int(c) for c in np.flatnonzero(np.isin(live, (LLState.NEED_SYNC, LLState.SYNCING)))}
+        self.o.power_cut()
+        pre = self._read_all(array, stable=True)
+        # a member lost for good: give the array a new one so every copy is rebuilt and checked
+        if array.is_degraded():
+            self.nspare += 1
+            new = self._file(f"s{self.nspare}.img")
+            res.events.append(f"final spare {Path(new).name}")
+            array.add_spare(new)
+            self.paths.append(new)
+        for _ in range(4):
+            kind = needed_sync(array)
+            if kind is None:
+                break
+            world.phase = kind.value
+            logging = kind is SyncKind.RESYNC and isinstance(bm, LocklessBitmap)
+            world.set_logging(logging)
+            stats = run_sync(array, kind)
+            if logging:
+                assert isinstance(bm, LocklessBitmap)
+                outside = self._touched(array, world) - marked
+                res.resync_outside += len(outside)
+                if outside:
+                    res.errors.append(f"resync touched unmarked llbitmap chunks {sorted(outside)[:5]}")
+            world.set_logging(False)
+            if not stats.completed:
+                res.errors.append(f"final {kind.value} did not complete")
+                return
+        world.phase = "verify"
+        post = self._read_all(array, stable=True)
+        res.verdict = post
+        res.verdict.unstable = max(post.unstable, pre.unstable)
+        res.verdict.lost = max(post.lost, pre.lost)
+        res.verdict.garbage = max(post.garbage, pre.garbage)
+        if res.verdict.first_problem is None:
+            res.verdict.first_problem = pre.first_problem
+        diff = self._differing(array)
+        res.mismatches = sum(n for _, n in diff)
+        if diff:
+            res.errors.append(f"copies differ after sync at sync sectors {diff[:3]}")
+        world.phase = "check"
+        res.check_mismatches = run_sync(array, SyncKind.CHECK).mismatches
+        res.writes_durable = self.o.writes_durable
+
+    def _touched(self, array: Array, world: SimWorld) -> set[int]:
+        """llbitmap chunks whose data a member IO logged in ``world`` touched."""
+        bm = array.bitmap
+        assert isinstance(bm, LocklessBitmap) and array.mirror is not None
+        chunks: set[int] = set()
+        step_of = self.raid_chunk if array.level == 10 else 128
+        for d in array.rdevs:
+            st = world.states.get(d.path)
+            if st is None or st.log is None or d.role is None:
+                continue
+            for _op, off, length in st.log:
+                if off < d.data_offset_bytes:
+                    continue
+                ms = (off - d.data_offset_bytes) // SECTOR
+                end = ms + max(1, length // SECTOR)
+                while ms < end:
+                    n = min(end - ms, step_of - ms % step_of)
+                    v = array.mirror.member_to_sync(d.role, ms)
+                    if v is not None:
+                        chunks.update(range(v >> bm.chunkshift, ((v + n - 1) >> bm.chunkshift) + 1))
+                    ms += n
+        return chunks
+
+    def run(self) -> RunResult:
+        t0 = time.monotonic()
+        try:
+            self.create()
+            gens = self.rng.choice([1, 1, 2, 2, 3]) if self.res.mode == "cut" else self.rng.choice([1, 2])
+            for g in range(gens):
+                self.generation(g, g == gens - 1)
+                if self.res.errors:
+                    break
+            self.final()
+            if self.oracle is not None:
+                self.res.writes_durable = self.oracle.writes_durable
+        except Exception as e:
+            tb = traceback.format_exc(limit=-3).strip().splitlines()
+            self.res.errors.append(f"run: {type(e).__name__}: {e} | {' / '.join(tb)}")
+        self.res.seconds = time.monotonic() - t0
+        if self.trace is not None:
+            self.res.events.extend(self.trace)
+        return self.res
+
+
+def run_one(
+    seed: int,
+    config: Config,
+    workdir: str | Path | None = None,
+    *,
+    mode: str | None = None,
+) -> RunResult:
+    """One run; ``mode`` "cut" or "fault" (None: chosen from the seed). Reproducible by seed."""
+    if mode is None:
+        mode = "fault" if random.Random(seed ^ 0x5EED).random() < 0.3 else "cut"
+    own = workdir is None
+    base = Path(tempfile.mkdtemp(prefix="llraid-torture-")) if workdir is None else Path(workdir)
+    d = base / f"run-{seed}"
+    d.mkdir(parents=True, exist_ok=True)
+    try:
+        return _Run(seed, config, d, mode).run()
+    finally:
+        shutil.rmtree(d if not own else base, ignore_errors=True)
+
+
+# ---- many runs ------------------------------------------------------------------------------------
+
+
+@dataclass
+class TortureReport:
+    runs: int = 0
+    seed: int = 0
+    cuts: int = 0
+    faults: int = 0
+    writes: int = 0
+    writes_durable: int = 0
+    bytes_verified: int = 0
+    bytes_lost: int = 0
+    bytes_garbage: int = 0
+    unstable_sectors: int = 0
+    live_bytes_checked: int = 0
+    mismatches: int = 0
+    check_mismatches: int = 0
+    clean_while_differing: int = 0
+    resync_outside_marked: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    by_config: Counter[str] = field(default_factory=Counter)
+    cut_kinds: Counter[str] = field(default_factory=Counter)
+    cut_phases: Counter[str] = field(default_factory=Counter)
+    fault_kinds: Counter[str] = field(default_factory=Counter)
+    unflushed_writes_at_cuts: int = 0
+    unflushed_writes_lost: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def add(self, r: RunResult) -> None:
+        self.runs += 1
+        self.by_config[r.config] += 1
+        self.cuts += len(r.cuts)
+        for c in r.cuts:
+            self.cut_kinds[c.kind] += 1
+            self.cut_phases[c.phase] += 1
+            self.unflushed_writes_at_cuts += c.pending
+            self.unflushed_writes_lost += c.lost
+        self.faults += len(r.faults)
+        for f in r.faults:
+            self.fault_kinds[f.split()[0]] += 1
+        self.writes += r.writes
+        self.writes_durable += r.writes_durable
+        v = r.verdict
+        self.bytes_verified += v.verified * SECTOR
+        self.bytes_lost += (v.lost + r.live.lost) * SECTOR
+        self.bytes_garbage += (v.garbage + r.live.garbage) * SECTOR
+        self.unstable_sectors += v.unstable + r.live.unstable
+        self.live_bytes_checked += r.live.sectors * SECTOR
+        self.mismatches += r.mismatches
+        self.check_mismatches += r.check_mismatches
+        self.clean_while_differing += r.clean_while_differing
+        self.resync_outside_marked += r.resync_outside
+        self.errors += len(r.errors)
+        self.seconds += r.seconds
+        if not r.ok:
+            self.failures.append(r.summary())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "runs": self.runs,
+            "seed": self.seed,
+            "cuts": self.cuts,
+            "faults": self.faults,
+            "writes": self.writes,
+            "writes_durable": self.writes_durable,
+            "bytes_verified": self.bytes_verified,
+            "bytes_lost": self.bytes_lost,
+            "bytes_garbage": self.bytes_garbage,
+            "unstable_sectors": self.unstable_sectors,
+            "live_bytes_checked": self.live_bytes_checked,
+            "mismatches": self.mismatches,
+            "check_mismatches": self.check_mismatches,
+            "clean_while_differing": self.clean_while_differing,
+            "resync_outside_marked": self.resync_outside_marked,
+            "unflushed_writes_at_cuts": self.unflushed_writes_at_cuts,
+            "unflushed_writes_lost": self.unflushed_writes_lost,
+            "errors": self.errors,
+            "by_config": dict(sorted(self.by_config.items())),
+            "cut_kinds": dict(sorted(self.cut_kinds.items())),
+            "cut_phases": dict(sorted(self.cut_phases.items())),
+            "fault_kinds": dict(sorted(self.fault_kinds.items())),
+            "failures": list(self.failures),
+            "seconds": round(self.seconds, 2),
+            "ok": self.ok,
+        }
+
+
+Progress = Callable[[int, int, RunResult], None]  # (runs done, runs total, last result)
+
+
+def run_torture(
+    runs: int,
+    seed: int,
+    *,
+    levels: Sequence[str] = LEVELS,
+    bitmaps: Sequence[str] = BITMAPS,
+    progress: Progress | None = None,
+    workdir: str | Path | None = None,
+    mode: str | None = None,
+) -> TortureReport:
+    """``runs`` randomised runs over ``levels`` x ``bitmaps`` (round robin), seeded by ``seed``.
+
+    Run ``i`` uses seed ``seed * 1_000_003 + i`` and can be repeated alone with
+    :func:`run_one`."""
+    for lv in levels:
+        if lv not in LEVELS:
+            raise LlraidError(f"unknown level {lv!r} (known: {', '.join(LEVELS)})")
+    for bm in bitmaps:
+        if bm not in BITMAPS:
+            raise LlraidError(f"unknown bitmap {bm!r} (known: {', '.join(BITMAPS)})")
+    configs = [Config(lv, bm) for lv in levels for bm in bitmaps]
+    report = TortureReport(seed=seed)
+    own = workdir is None
+    base = Path(tempfile.mkdtemp(prefix="llraid-torture-")) if workdir is None else Path(workdir)
+    try:
+        for i in range(runs):
+            cfg = configs[i % len(configs)]
+            r = run_one(run_seed(seed, i), cfg, base, mode=mode)
+            report.add(r)
+            if progress is not None:
+                progress(i + 1, runs, r)
+    finally:
+        if own:
+            shutil.rmtree(base, ignore_errors=True)
+    return report
+
+
+def run_seed(seed: int, i: int) -> int:
+    return seed * 1_000_003 + i
+
+
+def format_report(report: TortureReport) -> str:
+    d = report.as_dict()
+    lines = [
+        f"torture: {report.runs} runs (seed {report.seed}), {report.cuts} power cuts, "
+        f"{report.faults} faults, {report.seconds:.1f} s",
+        f"  writes: {report.writes} acknowledged or in flight, {report.writes_durable} made durable "
+        f"(FUA or flushed)",
+        f"  at the cuts: {report.unflushed_writes_at_cuts} unflushed member writes, "
+        f"{report.unflushed_writes_lost} of them lost",
+        f"  verified: {report.bytes_verified} bytes required to survive, {report.live_bytes_checked} bytes "
+        "read back while running",
+        f"  lost: {report.bytes_lost} bytes, garbage: {report.bytes_garbage} bytes, "
+        f"unstable reads: {report.unstable_sectors} sectors",
+        f"  mismatches after sync: {report.mismatches} sectors (check: {report.check_mismatches})",
+        f"  llbitmap: {report.clean_while_differing} chunks clean while copies differed, "
+        f"{report.resync_outside_marked} chunks resynced outside the marked ones",
+        "  cut at: " + ", ".join(f"{k} {v}" for k, v in d["cut_kinds"].items()),
+        "  cut during: " + ", ".join(f"{k} {v}" for k, v in d["cut_phases"].items()),
+    ]
+    if d["fault_kinds"]:
+        lines.append("  faults: " + ", ".join(f"{k} {v}" for k, v in d["fault_kinds"].items()))
+    lines.append("  configs: " + ", ".join(f"{k} {v}" for k, v in d["by_config"].items()))
+    if report.failures:
+        lines.append(f"FAILED: {len(report.failures)} runs")
+        lines.extend(f"  {f}" for f in report.failures[:20])
+    else:
+        lines.append("OK: nothing lost")
+    return "\n".join(lines)
+
+
+def default_workdir() -> str:
+    return os.environ.get("LLRAID_TORTURE_DIR") or tempfile.gettempdir()
