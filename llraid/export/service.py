@@ -67,16 +67,22 @@ class SyncRunner:
         self.last: SyncStats | None = None
         self.thread: threading.Thread | None = None
         self.speed_limit: float | None = None
+        self.closed = False
 
     def _progress(self, kind: str, done: int, total: int) -> None:
         self.kind, self.done, self.total = kind, done, total
 
     def run(self, kind: SyncKind | None) -> SyncStats | None:
         with self.lock:
+            if self.closed:
+                return None
             kind = kind or needed_sync(self.array)
             if kind is None:
                 return None
             self.stop.clear()
+            if self.closed:  # close() ran after the first check: its stop must not be lost
+                self.stop.set()
+                return None
             self.kind, self.done, self.total, self.started = kind.value, 0, 0, time.monotonic()
             try:
                 self.last = run_sync(
@@ -95,9 +101,15 @@ class SyncRunner:
         self.thread.start()
 
     def interrupt(self) -> None:
+        """Stop the running sync (md's sync_action idle); the md thread may start another."""
         self.stop.set()
         if self.thread is not None:
             self.thread.join()
+
+    def close(self) -> None:
+        """Stop for good: the running sync ends and no new one starts."""
+        self.closed = True  # before the stop event: run() checks it after clearing the event
+        self.interrupt()
 
     def status(self) -> dict[str, Any]:
         elapsed = time.monotonic() - self.started if self.kind != "idle" else 0.0
@@ -176,7 +188,7 @@ class Service:
 
     def _shutdown(self) -> None:
         self._md_stop.set()
-        self.syncer.interrupt()
+        self.syncer.close()
         if self._md_thread is not None:
             self._md_thread.join()
         self.array.stop()
