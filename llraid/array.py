@@ -783,6 +783,12 @@ class Array:
     def re_add(self, path: str) -> Rdev:
         """Bring back a member that left this array: with a bitmap, recover only what it missed."""
         with self._sb_lock:
+            try:
+                still = self._find(path)
+            except LlraidError:
+                still = None  # not a member: good
+            if still is not None:
+                raise LlraidError(f"{path} is still a member ({still.state.value}): remove it first")
             m = open_member(path, writable=True, opener=self.opener)
             try:
                 check_member(m)
