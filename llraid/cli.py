@@ -485,6 +485,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_torture(args: argparse.Namespace) -> int:
+    from llraid.torture import BITMAPS, LEVELS, format_report, run_torture
+
+    levels = args.level or list(LEVELS)
+    bitmaps = args.bitmap or list(BITMAPS)
+
+    def progress(done: int, total: int, last: Any) -> None:
+        if not args.json and (done % 50 == 0 or done == total):
+            print(f"llraid: torture {done}/{total} runs", file=sys.stderr, flush=True)
+
+    report = run_torture(args.runs, args.seed, levels=levels, bitmaps=bitmaps, progress=progress)
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        print(format_report(report))
+    return 0 if not report.failures else EXIT_ERROR
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from llraid.demo import run_demo
 
@@ -625,6 +643,14 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--json", action="store_true")
     be.add_argument("--plot", default=None, help="write an SVG bar chart to FILE")
     be.set_defaults(func=cmd_bench)
+
+    to = sub.add_parser("torture", help="randomised power cuts and member faults; proves nothing is lost")
+    to.add_argument("--runs", type=int, default=100)
+    to.add_argument("--seed", type=int, default=1)
+    to.add_argument("--level", action="append", help="raid1, raid10n2, raid10f2, raid10o2 (repeatable)")
+    to.add_argument("--bitmap", action="append", help="none, classic, lockless (repeatable)")
+    to.add_argument("--json", action="store_true")
+    to.set_defaults(func=cmd_torture)
 
     demo = sub.add_parser("demo", help="examine and read a kernel-made fixture array")
     demo.add_argument("--fixture", default="b-raid10n2-llbitmap", help="fixture name (default: %(default)s)")
