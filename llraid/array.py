@@ -29,6 +29,7 @@ Safe mode: after ``safe_mode_delay`` seconds without writes the array is marked 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import os
 import threading
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
 
 SAFE_MODE_DELAY = 0.2  # md's default: mark clean 200 ms after the last write
 BUCKET_SHIFT = 7  # sync barrier granularity: 128 sectors (64 KiB), the llbitmap minimum chunk
+BUCKET_SIZE = 1 << BUCKET_SHIFT  # also the sync thread's window (llraid.sync.WINDOW)
 NR_BUCKETS = 1024
 
 
@@ -397,6 +399,10 @@ class Array:
         """BitmapHost: chunks now need a resync."""
         self.sync_requested = True
 
+    def flush_members(self) -> None:
+        """BitmapHost: completed writes durable on every member (before anything says "clean")."""
+        self.flush()
+
     # ---- MemberIO for the personality -----------------------------------------------------------------
 
     def available(self, role: int, sector: int, count: int) -> bool:
@@ -432,7 +438,18 @@ class Array:
         # Balance reads only while every copy is known to agree.
         balance = self.resync_cp == MAX_SECTOR and not self.sync_requested
         for p in self.mirror.pieces(sector, count):
-            out += self._read_piece(p, balance)
+            if balance or (p.count <= BUCKET_SIZE and p.sector % BUCKET_SIZE + p.count <= BUCKET_SIZE):
+                out += self._read_piece(p, balance)
+                continue
+            # Copies may differ: read in the sync windows, each from the copy resync would copy
+            # from (the first one usable for that window), so a read never changes its answer
+            # when the resync runs - also where a member is recovered part way through a piece.
+            s, end = p.sector, p.sector + p.count
+            while s < end:
+                n = min(end - s, BUCKET_SIZE - s % BUCKET_SIZE)
+                copies = tuple((r, ms + (s - p.sector)) for r, ms in p.copies)
+                out += self._read_piece(Piece(s, n, copies), False)
+                s += n
         return bytes(out)
 
     def _read_piece(self, p: Piece, balance: bool) -> bytes:
@@ -577,6 +594,10 @@ class Array:
             if self._writes:  # a writer slipped in: it saw in_sync False or waits for our lock
                 self._in_sync = False
                 return False
+            # "clean" may only reach a superblock once every member's completed writes are durable
+            # (md writes superblocks with a preflush): else a power cut could leave copies that
+            # differ under a clean superblock, and nothing would resync them.
+            self.flush()
             self.update_sb()
             return True
 
@@ -593,8 +614,6 @@ class Array:
         return tuple(roles)
 
     def _sb_for(self, d: Rdev, max_dev: int, now: int) -> Superblock1:
-        import dataclasses
-
         fm = d.sb.feature_map & ~(
             Feature.BITMAP_OFFSET | Feature.RECOVERY_OFFSET | Feature.RECOVERY_BITMAP | Feature.REPLACEMENT
         )
@@ -828,9 +847,20 @@ class Array:
         with self._sb_lock:
             used = {d.sb.dev_number for d in self.rdevs}
             dev_number = next(i for i in range(len(used) + 1) if i not in used)
+            free = [r for r in range(self.raid_disks) if self.by_role(r) is None]
             device = self.opener(path, True) if self.opener else Device(path, writable=True)
             try:
                 sb = new_member_superblock(self.sb, device, dev_number, force=force)
+                # Its own superblock says "being recovered from 0" from the start: if power fails
+                # while the others learn of it, it must never pass for an in-sync member.
+                roles = list(sb.dev_roles)
+                roles[dev_number] = free[0] if free else ROLE_SPARE
+                sb = dataclasses.replace(
+                    sb,
+                    dev_roles=tuple(roles),
+                    feature_map=sb.feature_map | (Feature.RECOVERY_OFFSET if free else 0),
+                    recovery_offset=0,
+                ).with_checksum()
                 raw = sb.build()
                 device.pwrite(sb.super_offset * SECTOR, raw + bytes(-len(raw) % SECTOR))
                 if self.sb.has_bitmap:
@@ -842,7 +872,6 @@ class Array:
             except BaseException:
                 device.close()
                 raise
-            free = [r for r in range(self.raid_disks) if self.by_role(r) is None]
             d = Rdev(m, RdevState.RECOVERING, free[0], 0, False) if free else Rdev(m, RdevState.SPARE, None)
             self.rdevs.append(d)
             self._rebuild_role_map()

@@ -32,12 +32,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from llraid.array import Array, IOFailure, Rdev, RdevState
+from llraid.array import BUCKET_SIZE, Array, IOFailure, Rdev, RdevState
 from llraid.bitmap.base import SyncKind
 from llraid.errors import DeviceError
 from llraid.format.superblock import MAX_SECTOR
 
-WINDOW = 128  # sectors per sync window at most (64 KiB, md's largest raid1/raid10 sync IO)
+WINDOW = BUCKET_SIZE  # sectors per sync window at most (64 KiB, md's largest raid1/raid10 sync IO)
 CHECKPOINT_SECONDS = 5.0
 
 
@@ -82,12 +82,15 @@ def needed_sync(array: Array) -> SyncKind | None:
     """What md would start now: recovery of a member, or a resync of marked/unclean data."""
     if array.readonly:
         return None
-    if any(d.state is RdevState.RECOVERING for d in array.rdevs):
-        return SyncKind.RECOVERY
-    if array.is_degraded():
-        return None  # NeedSync waits for a member to recover into
-    if array.resync_cp != MAX_SECTOR or array.sync_requested:
+    resync = array.resync_cp != MAX_SECTOR or array.sync_requested
+    recovering = any(d.state is RdevState.RECOVERING for d in array.rdevs)
+    if resync and (recovering or not array.is_degraded()):
+        # Resync first: a recovery turns the NeedSync chunks it visits into Dirty although it only
+        # rebuilds the recovering member's copy, so a resync after it would skip chunks whose
+        # other copies still differ. (Degraded without a member to recover: NeedSync waits.)
         return SyncKind.RESYNC
+    if recovering:
+        return SyncKind.RECOVERY
     return None
 
 

@@ -921,6 +921,7 @@ def test_replace_resumes_after_a_crash(tmp_path: Path) -> None:
     with assemble([*paths, new]) as array:
         r = next(d for d in array.rdevs if d.path == new)
         assert r.state is RdevState.RECOVERING and r.replaces is not None and r.replaces.path == paths[1]
-        assert run_sync(array).completed
+        passes = sync_until_idle(array)  # the crash's resync first, then the replacement
+        assert [p.kind for p in passes] == ["resync", "recovery"] and all(p.completed for p in passes)
         assert run_sync(array, SyncKind.CHECK).mismatches == 0
         assert {d.path for d in array.active()} == {paths[0], new, paths[2], paths[3]}

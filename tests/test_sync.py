@@ -641,6 +641,10 @@ def test_recovery_checkpoints_and_resumes(mdir: Path, geo: Geo, how: str, bitmap
     with assemble(members, run=True) as array:
         (rdev,) = (d for d in array.rdevs if d.path == spare)
         assert rdev.state is RdevState.RECOVERING and rdev.recovery_offset == cp
+        if how == "crash":  # unclean: md resyncs first (recovery_cp < MaxSector), then recovers
+            resync = run_sync(array)
+            assert resync.kind == "resync" and resync.completed
+            assert rdev.recovery_offset == cp
         stats = run_sync(array)
         assert stats.kind == "recovery" and stats.completed and stats.start == cp
         assert array.mirror is not None

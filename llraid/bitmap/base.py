@@ -55,6 +55,18 @@ class BitmapHost(Protocol):
         ...
 
 
+def flush_host(host: object) -> None:
+    """Make every completed data write durable before a "copies agree" state is recorded.
+
+    Member caches are volatile: a Clean chunk (or a cleared classic bit) written to one member
+    while another member's completed writes to that chunk are still in its cache would, after a
+    power cut, hide copies that differ. Hosts that can flush their members provide
+    ``flush_members()``; simple test hosts need not."""
+    flush = getattr(host, "flush_members", None)
+    if flush is not None:
+        flush()
+
+
 class Bitmap(ABC):
     kind: ClassVar[BitmapKind]
 

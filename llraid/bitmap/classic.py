@@ -81,7 +81,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from llraid.bitmap.base import Bitmap, BitmapHost, SyncKind
+from llraid.bitmap.base import Bitmap, BitmapHost, SyncKind, flush_host
 from llraid.bitmap.store import BitmapStore
 from llraid.errors import FormatError, LlraidError
 from llraid.format.bitmap import (
@@ -585,6 +585,8 @@ class ClassicBitmap(Bitmap):
             if now - self._last_run < self._daemon_seconds:
                 return
             self._last_run = now
+            if not self._allclean:
+                flush_host(self._host)  # bits cleared by this pass cover durable data only
             with self._lock:
                 if self._allclean:
                     self._daemon_idle = True

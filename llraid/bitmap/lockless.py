@@ -65,7 +65,7 @@ from typing import Any
 
 import numpy as np
 
-from llraid.bitmap.base import Bitmap, BitmapHost, SyncKind
+from llraid.bitmap.base import Bitmap, BitmapHost, SyncKind, flush_host
 from llraid.bitmap.store import BitmapStore
 from llraid.errors import BitmapIOError, FormatError
 from llraid.format import llbitmap as fmt
@@ -629,6 +629,7 @@ class LocklessBitmap(Bitmap):
         with self._daemon_busy:
             self.daemon_runs += 1
             restart = False
+            flushed = False
             now = time.monotonic() if now is None else now
             for page in range(self.npages):
                 first = max(page * PAGE_SIZE - DATA_OFFSET, 0)
@@ -647,6 +648,9 @@ class LocklessBitmap(Bitmap):
                     before = int(
                         np.count_nonzero(self.states[DATA_OFFSET + first : DATA_OFFSET + last + 1] == _D)
                     )
+                    if before and not flushed:
+                        flush_host(self.host)  # the writes of chunks about to be Clean are durable
+                        flushed = True
                     self._apply(first, last, Action.DAEMON)
                     if before:
                         self.events_cleared = self._events
