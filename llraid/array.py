@@ -284,6 +284,7 @@ class Array:
             )
         array._open_bitmap(force=force)
         if not readonly:
+            array.catch_up()
             array._settle()  # spares that took a free slot: the superblocks say so
         return array
 
@@ -303,17 +304,29 @@ class Array:
 
         bsb = BitmapSuper.parse(store.read(0, 256))
         sync_size = self.sync_sectors
+        room = self._bitmap_room()
         if bsb.kind is BitmapKind.LOCKLESS:
             self.bitmap = LocklessBitmap.open(
                 store, self, array_uuid=ref.set_uuid, sync_size=sync_size, events=self.events,
-                bitmap_offset=ref.bitmap_offset,
+                bitmap_offset=ref.bitmap_offset, room=room,
             )  # fmt: skip
         else:
             self.bitmap = ClassicBitmap.open(
                 store, self, array_uuid=ref.set_uuid, sync_size=sync_size, events=self.events,
-                resync_offset=self.resync_cp,
+                resync_offset=self.resync_cp, room=room,
             )  # fmt: skip
         self.bitmap.load()
+
+    def _bitmap_room(self) -> int:
+        """Sectors every member has for the bitmap before it would reach the data (or, for 1.0,
+        the superblock)."""
+        rooms = []
+        for d in self.rdevs:
+            sb = d.sb
+            start = sb.super_offset + sb.bitmap_offset
+            end = sb.data_offset if sb.data_offset > start else sb.super_offset
+            rooms.append(end - start)
+        return max(0, min(rooms)) if rooms else 0
 
     def _refresh_bitmap_targets(self) -> None:
         """The bitmap lives on every member that has a slot and is not faulty."""
@@ -649,6 +662,7 @@ class Array:
             while True:
                 self._pending_sb = False
                 self._rebuild_role_map()
+                self._preflush()
                 self.events += 1
                 self.bitmap.update_sb(self.events)
                 written = self._write_superblocks()
@@ -658,11 +672,30 @@ class Array:
                     break
             self.sb = next((d.sb for d in self.rdevs if d.state is RdevState.IN_SYNC), self.sb)
 
-    def _write_superblocks(self) -> int:
+    def _preflush(self) -> None:
+        """md writes superblocks with a preflush: everything completed before a superblock update
+        (data, a sync's copies) is durable on every member before any superblock says more."""
+        for d in self.rdevs:
+            if d.state is not RdevState.FAULTY and d.device.fd >= 0:
+                try:
+                    d.device.sync()
+                except DeviceError as e:
+                    self._mark_faulty(d, str(e), force=True)
+
+    def catch_up(self) -> None:
+        """Members accepted one event behind get the current superblock, events unchanged
+        (else a second interrupted update could leave them two behind: kicked as stale)."""
+        with self._sb_lock:
+            behind = [d for d in self.rdevs if d.state is not RdevState.FAULTY and d.sb.events != self.events]
+            if behind:
+                self._preflush()
+                self._write_superblocks(only=behind)
+
+    def _write_superblocks(self, only: list[Rdev] | None = None) -> int:
         max_dev = max([self.sb.max_dev] + [d.sb.dev_number + 1 for d in self.rdevs])
         now = int(time.time())
         written = 0
-        for d in self.rdevs:
+        for d in self.rdevs if only is None else only:
             if d.state is RdevState.FAULTY:
                 continue  # a faulty member is never told anything again
             new = self._sb_for(d, max_dev, now)

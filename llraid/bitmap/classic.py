@@ -228,18 +228,25 @@ class ClassicBitmap(Bitmap):
         resync_offset: int,
         location: int = 8,
         space: int = 0,
+        room: int | None = None,
     ) -> ClassicBitmap:
         """Read and validate the bitmap superblock and bits, like md_bitmap_create/read_sb.
 
         ``sync_size`` (sectors), ``events`` and ``resync_offset`` are the array's; the chunk
         count follows the array's ``sync_size``, not the one stored in the superblock.
         ``location`` (sectors from the md superblock) and ``space`` (sectors, 0 = unknown) are
-        only reported by :meth:`metadata_view`.
+        only reported by :meth:`metadata_view`; ``room`` (sectors) is how much the member has
+        for the bitmap: a bitmap that would not fit is refused, it would overwrite data.
         """
         sb = BitmapSuper.parse(store.read(0, BITMAP_SB_BYTES))
         cls._validate(sb, array_uuid)
         chunks = -(-sync_size // (sb.chunksize >> 9))
         length = _round_up(classic_area_bytes(chunks), IO_ALIGN)
+        if room is not None and length > room * 512:
+            fits = room * 512
+            raise FormatError(
+                f"classic bitmap of {chunks} chunks needs {length} bytes, only {fits} fit before the data"
+            )
         area = sb.build() + store.read(BITMAP_SB_BYTES, length - BITMAP_SB_BYTES)
         return cls(
             store,

@@ -214,11 +214,13 @@ class LocklessBitmap(Bitmap):
         events: int,
         io_size: int = 512,
         bitmap_offset: int = 8,
+        room: int | None = None,
     ) -> LocklessBitmap:
         """Read and validate the bitmap like ``llbitmap_read_sb``; initialise it on first use.
 
         ``sync_size`` is the array's resync range in sectors (raid1/raid5: component size;
-        raid10: array size), ``events`` the array's event count.
+        raid10: array size), ``events`` the array's event count; ``room`` (sectors) is the space
+        the members have for the bitmap (a larger reservation is refused: it would overwrite data).
         """
         try:
             page0 = store.read(0, PAGE_SIZE)
@@ -232,6 +234,9 @@ class LocklessBitmap(Bitmap):
         if sb.uuid != array_uuid:
             raise FormatError("llbitmap: bitmap superblock UUID mismatch")
         space = fmt.space_of(sb)
+        if room is not None and space > room:
+            # the kernel keeps (and flushes) every reserved page: they must not reach the data
+            raise FormatError(f"llbitmap reserves {space} sectors, only {room} fit before the data")
         reserved_pages = -(-space * 512 // PAGE_SIZE)
         if sb.state & BitmapFlag.FIRST_USE:
             geo = fmt.calculate_geometry(sync_size, space)

@@ -43,7 +43,7 @@ import numpy as np
 import numpy.typing as npt
 
 from llraid.device import SECTOR, Device
-from llraid.errors import DeviceError
+from llraid.errors import DeviceError, LlraidError
 
 REGIONS = ("sb", "bitmap", "meta", "data")
 CUT_KINDS = ("any", "sb", "bitmap", "data", "sync")
@@ -65,6 +65,18 @@ class Layout:
     sb_end: int
     bitmap_start: int | None  # None: no bitmap
     data_start: int
+
+    @classmethod
+    def of(cls, path: str) -> Layout:
+        """The layout of the md member at ``path``."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            lay = detect_layout(fd, os.fstat(fd).st_size // SECTOR)
+        finally:
+            os.close(fd)
+        if lay is None:
+            raise DeviceError(f"{path}: no md v1.x superblock")
+        return lay
 
     def region(self, offset: int) -> str:
         if offset >= self.data_start:
@@ -112,6 +124,7 @@ class _Rec:
     seq: int
     first: int  # first sector
     data: bytes  # whole sectors
+    region: str = "data"
 
 
 @dataclass
@@ -170,12 +183,14 @@ class SimWorld:
         cut: CutPlan | None = None,
         survive: float | None = None,
         tear: float = 0.0,
+        survive_by_region: dict[str, float] | None = None,
     ) -> None:
         self.rng = random.Random(seed)
-        self.layout = layout
+        self.layout = layout  # None: read from each member's superblock
         self.plan = cut
         self.survive = survive  # None: a random probability per cut
         self.tear = tear
+        self.survive_by_region = survive_by_region or {}  # overrides per region (sb, bitmap, ...)
         self.lock = threading.RLock()
         self.states: dict[str, PathState] = {}
         self.ops = 0  # every IO (reads too): faults' clock
@@ -186,6 +201,7 @@ class SimWorld:
         self.cut_report: CutReport | None = None
         self.phase = "setup"
         self.on_cut: Callable[[CutReport], None] | None = None
+        self.no_cut = False  # while set, no op counts towards the cut plan
 
     # ---- devices ---------------------------------------------------------------------------
 
@@ -211,9 +227,9 @@ class SimWorld:
             return st
 
     def add_fault(self, path: str, fault: Fault, *, in_ops: int = 0) -> Fault:
-        """Install ``fault`` on ``path``, active ``in_ops`` IOs from now."""
+        """Install ``fault`` on ``path``; the next ``in_ops`` IOs (of any device) still work."""
         with self.lock:
-            fault.after_op = self.ops + in_ops
+            fault.after_op = self.ops + in_ops + 1
             self.state(path).faults.append(fault)
         return fault
 
@@ -233,6 +249,8 @@ class SimWorld:
     def _tick(self, st: PathState, kind: str) -> bool:
         """Count one mutating op; True if the power goes off at this op."""
         self.mutations += 1
+        if self.no_cut:
+            return False
         self.by_kind["any"] += 1
         if kind in self.by_kind:
             self.by_kind[kind] += 1
@@ -278,7 +296,7 @@ class SimWorld:
                 st.img[a:b] = np.frombuffer(raw, dtype=np.uint8).reshape(b - a, SECTOR)
             survived = torn = 0
             for r in recs:
-                if self.rng.random() >= p:
+                if self.rng.random() >= self.survive_by_region.get(r.region, p):
                     continue
                 n = len(r.data) // SECTOR
                 mask = r.seq > st.dseq[r.first : r.first + n]
@@ -299,6 +317,26 @@ class SimWorld:
         st.pending.clear()
         st.has_ov[:] = False
         return n_pending, survived, torn
+
+
+def detect_layout(fd: int, sectors: int) -> Layout | None:
+    """The metadata layout of the md member open on ``fd`` (None: no v1.x superblock yet)."""
+    from llraid.format.superblock import Superblock1, super_offset_for
+
+    for minor in (2, 1, 0):
+        at = super_offset_for(minor, sectors)
+        if at < 0 or (at + 8) * SECTOR > sectors * SECTOR:
+            continue
+        try:
+            sb = Superblock1.parse(os.pread(fd, 4096, at * SECTOR))
+        except LlraidError:
+            continue
+        if sb.super_offset != at:
+            continue
+        so = at * SECTOR
+        bm = (at + sb.bitmap_offset) * SECTOR if sb.has_bitmap else None
+        return Layout(so, so + 4096, bm, sb.data_offset * SECTOR)
+    return None
 
 
 def _runs(mask: npt.NDArray[np.bool_]) -> list[tuple[int, int]]:
@@ -336,6 +374,10 @@ class SimDevice(Device):
 
     def _region(self, offset: int) -> str:
         lay = self.st.layout
+        if lay is None:
+            lay = self.st.layout = detect_layout(self.fd, self.sectors)
+        if lay is None:
+            lay = self.world.layout  # a new member before its first superblock
         return lay.region(offset) if lay is not None else "data"
 
     def pread(self, offset: int, length: int) -> bytes:
@@ -392,7 +434,7 @@ class SimDevice(Device):
                 st.dseq[first:last] = seq
                 st.has_ov[first:last] = False
             else:
-                st.pending.append(_Rec(seq, first, new))  # the write at the cut may or may not land
+                st.pending.append(_Rec(seq, first, new, region))  # the write at the cut may or may not land
             if cut:
                 w.power_off(region, self.path)
                 raise PowerCutError(f"{self.path}: power cut during a write at byte {offset}")
