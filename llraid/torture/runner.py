@@ -613,20 +613,25 @@ class _Run:
         return out
 
     def _differing(self, array: Array) -> list[tuple[int, int]]:
-        """``(sync sector, count)`` of pieces whose available copies differ."""
+        """``(sync sector, count)`` of 128-sector windows whose available copies differ.
+
+        Windows, not whole pieces: a raid10 piece is a whole raid chunk (8 bitmap chunks), and a
+        difference in one sector must not be blamed on the other seven bitmap chunks."""
         assert array.mirror is not None
         data = self._member_data(array)
         out = []
         step = 4096
         for s in range(0, array.array_sectors, step):
             for p in array.mirror.pieces(s, min(step, array.array_sectors - s)):
-                copies = [
-                    data[r][ms : ms + p.count]
-                    for r, ms in p.copies
-                    if r in data and array.available(r, ms, p.count)
-                ]
-                if len(copies) > 1 and any(not np.array_equal(copies[0], c) for c in copies[1:]):
-                    out.append((p.sector, p.count))
+                for off in range(0, p.count, 128):
+                    n = min(128, p.count - off)
+                    copies = [
+                        data[r][ms + off : ms + off + n]
+                        for r, ms in p.copies
+                        if r in data and array.available(r, ms + off, n)
+                    ]
+                    if len(copies) > 1 and any(not np.array_equal(copies[0], c) for c in copies[1:]):
+                        out.append((p.sector + off, n))
         return out
 
     def _ondisk_states(self, array: Array, bm: LocklessBitmap) -> list[np.ndarray[Any, np.dtype[np.uint8]]]:
