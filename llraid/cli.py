@@ -463,7 +463,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         t = Table(title=title)
         for col in ("bitmap", "MiB/s", "IOPS", "vs none", "vs raw"):
             t.add_column(col, justify="right")
-        for row in table_rows(report):
+        for row in table_rows(report.summary()):
             t.add_row(*row)
         console.print(t)
         for r in report.fresh:
@@ -479,7 +479,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             )
     if args.plot:
         with open(args.plot, "w") as f:
-            f.write(svg_plot(report))
+            f.write(svg_plot(report.summary(), cfg.threads))
     if args.json:
         _print_json(report.as_dict())
     return 0
