@@ -8,6 +8,7 @@ needs to damage a member makes its own copy with :func:`llraid.fixtures.copy_spa
 from __future__ import annotations
 
 import os
+import resource
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,12 @@ from llraid.fixtures import Fixture, load_fixtures
 
 os.environ["TZ"] = "UTC"  # mdadm printed the fixtures' times in the VM's UTC
 time.tzset()
+
+# A runaway allocation (a fuzzed size taken at face value) must fail the test with MemoryError,
+# not make the kernel's OOM killer end the whole run.
+_soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+if _hard == resource.RLIM_INFINITY or _hard > 16 << 30:
+    resource.setrlimit(resource.RLIMIT_AS, (16 << 30, _hard))
 
 ALL = load_fixtures()
 BY_NAME = {f.name: f for f in ALL}

@@ -255,6 +255,11 @@ class Superblock1:
             problems.append("pad3 is not zero")
         if self.data_size < 10:
             problems.append(f"data_size {self.data_size} is too small")
+        if self.size > self.data_size:
+            # md: "rdev size smaller than array dev_sectors": the array would run off the member
+            problems.append(f"component size {self.size} exceeds the member's data size {self.data_size}")
+        if not 0 < self.raid_disks <= MAX_DEV_LIMIT:
+            problems.append(f"raid_disks {self.raid_disks} is out of range")
         if self.minor_version != 0 and self.data_offset < self.super_offset + (self.size_bytes + 511) // 512:
             problems.append(f"data_offset {self.data_offset} overlaps the superblock")
         if self.feature_map & Feature.RAID0_LAYOUT and self.level != 0:
