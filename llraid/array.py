@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -43,7 +42,7 @@ from llraid.bitmap.base import Bitmap, NoBitmap
 from llraid.bitmap.classic import ClassicBitmap
 from llraid.bitmap.lockless import LocklessBitmap
 from llraid.bitmap.store import BitmapStore, BitmapTarget
-from llraid.device import SECTOR, Device
+from llraid.device import SECTOR, Device, path_identity
 from llraid.errors import AssemblyError, DeviceError, LlraidError
 from llraid.format.bitmap import BitmapKind
 from llraid.format.superblock import (
@@ -109,7 +108,7 @@ class Rdev:
 
     @property
     def data_offset_bytes(self) -> int:
-        return self.member.sb.data_offset * SECTOR
+        return self.data_off
 
 
 @dataclass
@@ -202,7 +201,6 @@ class Array:
         self.bitmap: Bitmap = NoBitmap()
         self.sync_requested = False
         self._closed = False
-        self._stop = threading.Event()
         self.last_sync: SyncStats | None = None
         self.fault_log: list[tuple[str, str]] = []  # (member, why) for every member failed
         self.opener: DeviceOpener | None = None
@@ -723,16 +721,9 @@ class Array:
                 if d.role == which and d.state is not RdevState.SPARE:
                     return d
             raise LlraidError(f"no member in role {which}")
-        try:
-            st = os.stat(which)
-        except OSError as e:
-            raise LlraidError(f"{which}: {e.strerror}") from None
-        want = (0, st.st_rdev) if st.st_rdev else (st.st_dev, st.st_ino)
+        want = path_identity(which)
         for d in self.rdevs:
-            if d.device.fd < 0:
-                continue
-            ds = os.fstat(d.device.fd)
-            if ((0, ds.st_rdev) if ds.st_rdev else (ds.st_dev, ds.st_ino)) == want:
+            if d.device.fd >= 0 and d.device.identity() == want:
                 return d
         raise LlraidError(f"no member {which!r} in this array")
 
@@ -918,7 +909,6 @@ class Array:
         """Clean stop: no more IO, bitmap flushed, superblocks marked clean, members closed."""
         if self._closed:
             return
-        self._stop.set()
         self.bitmap.close()
         if not self.readonly:
             self.flush()
@@ -930,7 +920,6 @@ class Array:
 
     def crash(self) -> None:
         """Drop everything without a clean stop (tests: what a power cut or kill -9 leaves)."""
-        self._stop.set()
         self.bitmap.close()
         self._close_devices()
 

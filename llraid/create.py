@@ -22,8 +22,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from llraid.device import SECTOR, Device
-from llraid.errors import DeviceError, LayoutError, LlraidError
+from llraid.device import SECTOR, Device, path_identity
+from llraid.errors import LayoutError, LlraidError
 from llraid.format.bitmap import BitmapKind
 from llraid.format.superblock import (
     MAX_SECTOR,
@@ -241,7 +241,7 @@ def create(paths: Sequence[str], spec: CreateSpec, *, force: bool = False) -> li
         raise CreateError(f"creating raid{spec.level} is not supported (raid1 and raid10 are)")
     if len(paths) != spec.raid_devices:
         raise CreateError(f"{len(paths)} devices given for {spec.raid_devices} raid devices")
-    if len({_identity(p) for p in paths}) != len(paths):
+    if len({path_identity(p) for p in paths}) != len(paths):
         raise CreateError("the same device is given twice")
     if spec.level == 1 and spec.chunk_sectors:
         raise CreateError("specifying chunk size is forbidden for raid1")
@@ -343,15 +343,6 @@ def new_member_superblock(
         max_dev=max(ref.max_dev, dev_number + 1),
         dev_roles=tuple(list(ref.dev_roles) + [ROLE_SPARE] * max(0, dev_number + 1 - ref.max_dev)),
     ).with_checksum()
-
-
-def _identity(path: str) -> tuple[int, int]:
-    """What makes two paths the same device (memfd paths all resolve to one name)."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise DeviceError(f"{path}: cannot open: {e.strerror}") from None
-    return (0, st.st_rdev) if st.st_rdev else (st.st_dev, st.st_ino)
 
 
 def default_homehost() -> str | None:

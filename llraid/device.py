@@ -18,6 +18,19 @@ from llraid.errors import DeviceError
 SECTOR = 512
 
 
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return (0, st.st_rdev) if st.st_rdev else (st.st_dev, st.st_ino)
+
+
+def path_identity(path: str) -> tuple[int, int]:
+    """What makes two paths the same device: the block device number, else the inode (paths
+    alone do not: every memfd's /proc/self/fd/N resolves to the same name)."""
+    try:
+        return _identity(os.stat(path))
+    except OSError as e:
+        raise DeviceError(f"{path}: cannot open: {e.strerror}") from None
+
+
 class Device:
     """An open member device. Use as a context manager, or call :meth:`close`."""
 
@@ -86,6 +99,10 @@ class Device:
             os.fdatasync(self.fd)
         except OSError as e:
             raise DeviceError(f"{self.path}: flush failed: {e.strerror}") from None
+
+    def identity(self) -> tuple[int, int]:
+        """As :func:`path_identity`, for this open device."""
+        return _identity(os.fstat(self.fd))
 
     def close(self) -> None:
         if self.fd >= 0:
