@@ -30,21 +30,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from llraid.assemble import check_member, make_personality
+from llraid.assemble import check_member
 from llraid.bitmap.base import Bitmap, NoBitmap
 from llraid.bitmap.classic import ClassicBitmap
 from llraid.bitmap.lockless import LocklessBitmap
 from llraid.bitmap.store import BitmapStore, BitmapTarget
-from llraid.device import SECTOR, Device, path_identity
-from llraid.errors import AssemblyError, DeviceError, LlraidError
-from llraid.format.bitmap import BitmapKind
+from llraid.device import SECTOR, path_identity
+from llraid.errors import AssemblyError, DeviceError, IOFailure, LlraidError
+from llraid.format.bitmap import BitmapKind, BitmapSuper
 from llraid.format.superblock import (
     MAX_SECTOR,
     ROLE_FAULTY,
@@ -54,61 +52,16 @@ from llraid.format.superblock import (
     Superblock1,
     format_uuid,
 )
-from llraid.member import DeviceOpener, Member, open_member
-from llraid.raid.base import MirrorPersonality, Piece
+from llraid.member import DeviceOpener, Member, open_device, open_member
+from llraid.metadata import new_member_superblock
+from llraid.raid.barrier import BUCKET_SIZE, SyncBarrier
+from llraid.raid.base import MirrorPersonality, RuntimePersonality
+from llraid.raid.registry import runtime_personality
+from llraid.rdev import Rdev, RdevState
 
-if TYPE_CHECKING:
-    from llraid.sync import SyncStats
+__all__ = ["BUCKET_SIZE", "Array", "ArrayCounters", "IOFailure", "Rdev", "RdevState"]
 
 SAFE_MODE_DELAY = 0.2  # md's default: mark clean 200 ms after the last write
-BUCKET_SHIFT = 7  # sync barrier granularity: 128 sectors (64 KiB), the llbitmap minimum chunk
-BUCKET_SIZE = 1 << BUCKET_SHIFT  # also the sync thread's window (llraid.sync.WINDOW)
-NR_BUCKETS = 1024
-
-
-class IOFailure(LlraidError):
-    """A read or write that no member could serve."""
-
-
-class RdevState(enum.Enum):
-    IN_SYNC = "in_sync"
-    RECOVERING = "recovering"  # has a slot, being rebuilt; valid below recovery_offset
-    FAULTY = "faulty"
-    SPARE = "spare"
-
-
-@dataclass
-class Rdev:
-    """One member device in the running array (md's md_rdev)."""
-
-    member: Member
-    state: RdevState
-    role: int | None
-    recovery_offset: int = 0  # member data sectors already rebuilt (RECOVERING only)
-    bitmap_sync: bool = False  # a re-added member: recover only what the bitmap marks
-    target: BitmapTarget | None = None
-    corrected_reads: int = 0
-    replaces: Rdev | None = None  # md's replacement: built while this member still serves
-
-    def __post_init__(self) -> None:
-        self.name = self.member.path  # cached: used on every IO for the counters
-        self.data_off = self.member.sb.data_offset * SECTOR
-
-    @property
-    def path(self) -> str:
-        return self.name
-
-    @property
-    def device(self) -> Device:
-        return self.member.device
-
-    @property
-    def sb(self) -> Superblock1:
-        return self.member.sb
-
-    @property
-    def data_offset_bytes(self) -> int:
-        return self.data_off
 
 
 @dataclass
@@ -121,60 +74,6 @@ class ArrayCounters:
     read_errors_corrected: int = 0
 
 
-class _Buckets:
-    """Sync barrier per bucket of 128 sectors: a lock-free counter for writers, a flag for sync.
-
-    Writers append to ``pending[b]`` and then check ``barrier[b]``; the sync thread sets
-    ``barrier[b]`` and then waits for ``pending[b]`` to empty. Whatever the interleaving, either
-    the writer sees the barrier and backs off, or the sync thread sees the writer and waits.
-    """
-
-    def __init__(self) -> None:
-        self.pending: list[list[None]] = [[] for _ in range(NR_BUCKETS)]
-        self.barrier = [False] * NR_BUCKETS
-        self.cond = threading.Condition()
-
-    @staticmethod
-    def of(sector: int, count: int) -> list[int]:
-        first, last = sector >> BUCKET_SHIFT, (sector + max(count, 1) - 1) >> BUCKET_SHIFT
-        if first == last:
-            return [first % NR_BUCKETS]
-        if last - first + 1 >= NR_BUCKETS:
-            return list(range(NR_BUCKETS))
-        return sorted({b % NR_BUCKETS for b in range(first, last + 1)})
-
-    def enter(self, buckets: list[int]) -> None:
-        for b in buckets:
-            pend = self.pending[b]
-            while True:
-                pend.append(None)
-                if not self.barrier[b]:
-                    break
-                pend.pop()
-                with self.cond:
-                    self.cond.notify_all()
-                    self.cond.wait_for(lambda b=b: not self.barrier[b])  # type: ignore[misc]
-
-    def leave(self, buckets: list[int]) -> None:
-        for b in buckets:
-            self.pending[b].pop()
-            if self.barrier[b] and not self.pending[b]:
-                with self.cond:
-                    self.cond.notify_all()
-
-    def raise_barrier(self, buckets: list[int]) -> None:
-        for b in buckets:
-            self.barrier[b] = True
-        with self.cond:
-            self.cond.wait_for(lambda: not any(self.pending[b] for b in buckets))
-
-    def lower_barrier(self, buckets: list[int]) -> None:
-        for b in buckets:
-            self.barrier[b] = False
-        with self.cond:
-            self.cond.notify_all()
-
-
 class Array:
     """A running md array on member devices."""
 
@@ -182,11 +81,7 @@ class Array:
         self.sb = sb  # reference superblock: geometry and identity
         self.rdevs = rdevs
         self.readonly = readonly
-        self.personality = make_personality(sb)
-        if not isinstance(self.personality, MirrorPersonality):
-            self.mirror: MirrorPersonality | None = None
-        else:
-            self.mirror = self.personality
+        self.personality: RuntimePersonality = runtime_personality(sb)
         self.events = sb.events
         self.resync_cp = sb.resync_offset  # MAX_SECTOR: nothing to resync
         # md_run starts every array in_sync: the superblocks keep saying "clean" (and keep the
@@ -197,16 +92,16 @@ class Array:
         self._writes: list[None] = []  # writes in flight (md's writes_pending)
         self._last_write = 0.0
         self.safe_mode_delay = SAFE_MODE_DELAY
-        self._buckets = _Buckets()
+        self.barrier = SyncBarrier()
         self.bitmap: Bitmap = NoBitmap()
         self.sync_requested = False
         self._closed = False
-        self.last_sync: SyncStats | None = None
         self.fault_log: list[tuple[str, str]] = []  # (member, why) for every member failed
         self.opener: DeviceOpener | None = None
         self._role_map: dict[int, Rdev] = {}
         self._replacements: dict[int, Rdev] = {}  # role -> the member being built to replace it
         self._pending_sb = False  # members failed whose failure the superblocks do not show yet
+        self._store: BitmapStore | None = None
         self._rebuild_role_map()
 
     # ---- assembly ------------------------------------------------------------------------------
@@ -245,10 +140,7 @@ class Array:
 
         asm = validate(members, force=force)
         ref = asm.sb
-        if ref.level not in (1, 10):
-            raise AssemblyError(
-                f"read-write assembly supports raid1 and raid10; this array is raid{ref.level}"
-            )
+        runtime_personality(ref)  # refuses levels the running array cannot serve, before anything
         rdevs: list[Rdev] = []
         for role, slot in sorted(asm.slots.items()):
             m = slot.member
@@ -295,11 +187,8 @@ class Array:
         store = BitmapStore([], on_error=self._bitmap_io_error, readonly=self.readonly)
         self._store = store
         self._refresh_bitmap_targets()
-        first = store.targets[0] if store.targets else None
-        if first is None:
+        if not store.targets:
             raise AssemblyError("no member left to read the bitmap from")
-        from llraid.format.bitmap import BitmapSuper
-
         bsb = BitmapSuper.parse(store.read(0, 256))
         sync_size = self.sync_sectors
         room = self._bitmap_room()
@@ -328,7 +217,7 @@ class Array:
 
     def _refresh_bitmap_targets(self) -> None:
         """The bitmap lives on every member that has a slot and is not faulty."""
-        store = getattr(self, "_store", None)
+        store = self._store
         if store is None:
             return
         targets = []
@@ -369,9 +258,13 @@ class Array:
         return self.array_sectors * SECTOR
 
     @property
+    def mirror(self) -> MirrorPersonality | None:
+        """The personality if it is a mirrored one (where each copy lives: tools and tests)."""
+        return self.personality if isinstance(self.personality, MirrorPersonality) else None
+
+    @property
     def sync_sectors(self) -> int:
-        assert self.mirror is not None
-        return self.mirror.sync_sectors
+        return self.personality.sync_sectors
 
     @property
     def dev_sectors(self) -> int:
@@ -414,7 +307,25 @@ class Array:
         """BitmapHost: completed writes durable on every member (before anything says "clean")."""
         self.flush()
 
-    # ---- MemberIO for the personality -----------------------------------------------------------------
+    # ---- ArrayIO: what the personality does its IO through ----------------------------------------------
+
+    def replacement(self, role: int) -> Rdev | None:
+        return self._replacements.get(role) if self._replacements else None
+
+    @property
+    def copies_agree(self) -> bool:
+        return self.resync_cp == MAX_SECTOR and not self.sync_requested
+
+    def parity_known(self, sync_sector: int) -> bool:
+        """raid456: the parity of the stripe at ``sync_sector`` may be used to read-modify-write
+        (md forces reconstruct-write above the resync checkpoint and where llbitmap says the
+        chunk's parity was never built)."""
+        if self.resync_cp != MAX_SECTOR and sync_sector >= self.resync_cp:
+            return False
+        return self.bitmap.blocks_synced(sync_sector)
+
+    def member_reads(self, d: Rdev) -> int:
+        return self.counters.member_read.get(d.name, 0)
 
     def available(self, role: int, sector: int, count: int) -> bool:
         d = self.by_role(role)
@@ -444,46 +355,9 @@ class Array:
     def read(self, sector: int, count: int) -> bytes:
         """``count`` array sectors; a failed copy is served from another and rewritten."""
         self._check_range(sector, count)
-        assert self.mirror is not None
-        out = bytearray()
-        # Balance reads only while every copy is known to agree.
-        balance = self.resync_cp == MAX_SECTOR and not self.sync_requested
-        for p in self.mirror.pieces(sector, count):
-            if balance or (p.count <= BUCKET_SIZE and p.sector % BUCKET_SIZE + p.count <= BUCKET_SIZE):
-                out += self._read_piece(p, balance)
-                continue
-            # Copies may differ: read in the sync windows, each from the copy resync would copy
-            # from (the first one usable for that window), so a read never changes its answer
-            # when the resync runs - also where a member is recovered part way through a piece.
-            s, end = p.sector, p.sector + p.count
-            while s < end:
-                n = min(end - s, BUCKET_SIZE - s % BUCKET_SIZE)
-                copies = tuple((r, ms + (s - p.sector)) for r, ms in p.copies)
-                out += self._read_piece(Piece(s, n, copies), False)
-                s += n
-        return bytes(out)
+        return self.personality.make_read(self, sector, count)
 
-    def _read_piece(self, p: Piece, balance: bool) -> bytes:
-        copies = [(self.by_role(r), ms) for r, ms in p.copies if self.available(r, ms, p.count)]
-        if balance and len(copies) > 1:
-            # the copy on the member that has read least so far (md: least busy non-rotational)
-            reads = self.counters.member_read
-            best = min(range(len(copies)), key=lambda i: reads.get(copies[i][0].name, 0))  # type: ignore[union-attr]
-            copies = copies[best:] + copies[:best]
-        bad: list[tuple[Rdev, int]] = []
-        for d, ms in copies:
-            assert d is not None
-            try:
-                data = self.read_member(d, ms, p.count)
-            except DeviceError:
-                bad.append((d, ms))
-                continue
-            for bd, bms in bad:
-                self._fix_read_error(bd, bms, data)
-            return data
-        raise IOFailure(f"no member could read array sectors {p.sector}..{p.sector + p.count - 1}")
-
-    def _fix_read_error(self, d: Rdev, msector: int, good: bytes) -> None:
+    def fix_read_error(self, d: Rdev, msector: int, good: bytes) -> None:
         try:
             self.write_member(d, msector, good)
             d.corrected_reads += 1
@@ -507,49 +381,26 @@ class Array:
         self._check_range(sector, count)
         if count == 0:
             return
-        assert self.mirror is not None
-        view = memoryview(data)
+        pers = self.personality
         self._writes.append(None)
         try:
             if self._in_sync:
                 self._mark_dirty()
-            buckets = self._buckets.of(sector, count)
-            self._buckets.enter(buckets)
+            boff, bcount = pers.bitmap_range(sector, count)
+            buckets = self.barrier.of(boff, bcount)
+            self.barrier.enter(buckets)
             try:
-                boff, bcount = self.mirror.bitmap_range(sector, count)
                 if self.bitmap.start_write(boff, bcount):
                     self.bitmap.unplug()
                 try:
-                    self._write_pieces(self.mirror.pieces(sector, count), sector, view, fua)
+                    pers.make_write(self, sector, memoryview(data), fua)
                 finally:
                     self.bitmap.end_write(boff, bcount)
             finally:
-                self._buckets.leave(buckets)
+                self.barrier.leave(buckets)
         finally:
             self._last_write = time.monotonic()
             self._writes.pop()
-
-    def _write_pieces(self, pieces: list[Piece], base: int, view: memoryview, fua: bool) -> None:
-        for p in pieces:
-            chunk = view[(p.sector - base) * SECTOR : (p.sector - base + p.count) * SECTOR]
-            written = 0
-            for role, ms in p.copies:
-                d = self.by_role(role)
-                if d is None:
-                    continue
-                try:
-                    self.write_member(d, ms, chunk, fua=fua)
-                    written += 1
-                except DeviceError as e:
-                    self.fail(d, reason=str(e))
-                r = self._replacements.get(role) if self._replacements else None
-                if r is not None:  # a replacement being built gets every write too
-                    try:
-                        self.write_member(r, ms, chunk, fua=fua)
-                    except DeviceError as e:
-                        self.fail(r, reason=str(e))
-            if not written:
-                raise IOFailure(f"no member could write array sectors {p.sector}..{p.sector + p.count - 1}")
 
     def write_bytes(self, offset: int, data: bytes) -> None:
         """Any alignment: partial sectors are read, merged and written back (not atomic)."""
@@ -576,15 +427,14 @@ class Array:
         return what was there; clients must not rely on its content, as with any TRIM.
         """
         self._check_range(sector, count)
-        assert self.mirror is not None
-        boff, bcount = self.mirror.bitmap_range(sector, count)
-        buckets = self._buckets.of(sector, count)
-        self._buckets.enter(buckets)
+        boff, bcount = self.personality.bitmap_range(sector, count)
+        buckets = self.barrier.of(boff, bcount)
+        self.barrier.enter(buckets)
         try:
             self.bitmap.start_discard(boff, bcount)
             self.bitmap.end_discard(boff, bcount)
         finally:
-            self._buckets.leave(buckets)
+            self.barrier.leave(buckets)
 
     # ---- array state and superblocks -------------------------------------------------------------------
 
@@ -611,6 +461,20 @@ class Array:
             self.flush()
             self.update_sb()
             return True
+
+    def set_resync_checkpoint(self, sector: int) -> None:
+        """A resync got this far: record it (md's recovery_cp), bitmap and superblocks."""
+        with self._sb_lock:
+            if self.resync_cp != MAX_SECTOR:
+                self.resync_cp = sector
+            self.update_sb()
+
+    def resync_finished(self) -> None:
+        """Every copy agrees again: no checkpoint, nothing requested."""
+        with self._sb_lock:
+            self.resync_cp = MAX_SECTOR
+            self.sync_requested = False
+            self.update_sb()
 
     def _role_table(self, max_dev: int) -> tuple[int, ...]:
         roles = [ROLE_SPARE] * max_dev
@@ -854,9 +718,7 @@ class Array:
                 m.device.close()
                 raise
             # Bitmap-guided only if the bitmap has been tracking everything since it left.
-            bitmap_sync = not isinstance(self.bitmap, NoBitmap) and m.sb.events >= getattr(
-                self.bitmap, "events_cleared", 0
-            )
+            bitmap_sync = self.bitmap.covers_since(m.sb.events)
             d = Rdev(m, RdevState.RECOVERING, role, 0, bitmap_sync)
             self.rdevs.append(d)
             self._rebuild_role_map()
@@ -866,13 +728,11 @@ class Array:
 
     def add_spare(self, path: str, *, force: bool = False) -> Rdev:
         """Add a new member: it takes a free slot (if any) and is fully recovered."""
-        from llraid.create import new_member_superblock
-
         with self._sb_lock:
             used = {d.sb.dev_number for d in self.rdevs}
             dev_number = next(i for i in range(len(used) + 1) if i not in used)
             free = [r for r in range(self.raid_disks) if self.by_role(r) is None]
-            device = self.opener(path, True) if self.opener else Device(path, writable=True)
+            device = open_device(path, writable=True, opener=self.opener)
             try:
                 sb = new_member_superblock(self.sb, device, dev_number, force=force)
                 # Its own superblock says "being recovered from 0" from the start: if power fails

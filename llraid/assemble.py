@@ -26,36 +26,7 @@ from llraid.format.bitmap import BitmapSuper
 from llraid.format.superblock import ROLE_FAULTY, ROLE_MAX, Feature, Superblock1, format_uuid
 from llraid.member import Member
 from llraid.raid.base import Personality
-from llraid.raid.layout import Raid5Geometry, Raid10Geometry
-from llraid.raid.raid1 import Raid1
-from llraid.raid.raid5 import Raid5
-from llraid.raid.raid10 import Raid10
-
-LEVEL_NAMES = {
-    -4: "multipath",
-    -1: "linear",
-    0: "raid0",
-    1: "raid1",
-    4: "raid4",
-    5: "raid5",
-    6: "raid6",
-    10: "raid10",
-}
-
-
-def level_name(level: int) -> str:
-    return LEVEL_NAMES.get(level, f"-unknown-{level}")
-
-
-def make_personality(sb: Superblock1) -> Personality:
-    """The personality for a superblock's level and geometry, or :class:`AssemblyError`."""
-    if sb.level == 1:
-        return Raid1(sb.raid_disks, sb.size)
-    if sb.level == 10:
-        return Raid10(Raid10Geometry.from_superblock(sb.layout, sb.raid_disks, sb.chunksize, sb.size))
-    if sb.level in (4, 5):
-        return Raid5(Raid5Geometry.from_superblock(sb.level, sb.layout, sb.raid_disks, sb.chunksize, sb.size))
-    raise AssemblyError(f"{level_name(sb.level)} is not supported (raid1, raid10, raid4, raid5 are)")
+from llraid.raid.registry import personality_for
 
 
 def check_member(member: Member, *, force: bool = False) -> None:
@@ -198,7 +169,7 @@ def assemble(members: Sequence[Member], *, force: bool = False) -> Assembly:
             raise AssemblyError(f"{m.path} and {slots[role].member.path} both hold role {role}")
         slots[role] = Slot(m, role, limit)
 
-    personality = make_personality(ref)
+    personality = personality_for(ref)
     usable = {r for r, s in slots.items() if s.in_sync_below > 0}
     personality.check_roles(usable)
 

@@ -38,10 +38,15 @@ def _size(text: str) -> int:
 
 
 def _level(text: str) -> int:
-    t = text.lower().removeprefix("raid")
-    if t not in ("1", "10", "mirror"):
-        raise argparse.ArgumentTypeError(f"level {text!r} is not supported (1 or 10)")
-    return 1 if t in ("1", "mirror") else 10
+    from llraid.raid.registry import LEVELS, creatable_names, parse_level
+
+    try:
+        level = parse_level(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not LEVELS[level].creatable:
+        raise argparse.ArgumentTypeError(f"level {text!r} cannot be created ({creatable_names()} can)")
+    return level
 
 
 def _kib_size(text: str) -> int:
@@ -549,9 +554,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     cr = sub.add_parser("create", aliases=["C"], help="create an array (mdadm --create defaults)")
     cr.add_argument("devices", nargs="+", metavar="DEV")
-    cr.add_argument("--level", "-l", type=_level, required=True, help="1 or 10")
+    cr.add_argument(
+        "--level", "-l", type=_level, required=True, help="1, 10, 4 or 5 (raid1, mirror, raid5, ...)"
+    )
     cr.add_argument("--raid-devices", "-n", type=int, default=None, help="default: the number of devices")
-    cr.add_argument("--layout", "-p", default=None, help="raid10: n2 (default), f2, o2, n3, ...")
+    cr.add_argument(
+        "--layout",
+        "-p",
+        default=None,
+        help="raid10: n2 (default), f2, o2, n3, ...; raid5: left-symmetric (default), ...",
+    )
     cr.add_argument(
         "--chunk", "-c", type=_kib_size, default=None, help="chunk size (default 512K; K if no unit)"
     )

@@ -15,6 +15,7 @@ filesystem signatures (refused unless ``force``), geometry.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import socket
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from llraid.device import SECTOR, Device, path_identity
-from llraid.errors import LayoutError, LlraidError
+from llraid.errors import AssemblyError, LayoutError
 from llraid.format.bitmap import BitmapKind
 from llraid.format.superblock import (
     MAX_SECTOR,
@@ -33,16 +34,15 @@ from llraid.format.superblock import (
     Superblock1,
     super_offset_for,
 )
-from llraid.raid.layout import Raid10Geometry, parse_raid10_layout
+from llraid.metadata import CreateError as CreateError
+from llraid.metadata import existing_signature
+from llraid.raid.layout import Raid10Geometry, parse_raid5_layout, parse_raid10_layout
+from llraid.raid.registry import LEVELS, creatable_names, level_name
 
 DEFAULT_CHUNK_KIB = 512
 LLBITMAP_SPACE = 256  # sectors mdadm reserves for llbitmap (sectors_reserved)
 BBLOG_SECTORS = 8
 GiB_SECTORS = 1 << 21
-
-
-class CreateError(LlraidError):
-    """A create request that would produce an unusable or unsafe array."""
 
 
 def choose_bm_space(dev_sectors: int) -> int:
@@ -63,40 +63,6 @@ def default_data_offset(dev_sectors: int, chunk_kib: int) -> int:
         headroom >>= 1
     raw = 12 * 2 + choose_bm_space(dev_sectors) + headroom
     return -(-raw // 2048) * 2048
-
-
-_SIGNATURES = (  # (byte offset, magic, what)
-    (1080, b"\x53\xef", "an ext2/3/4 file system"),
-    (0, b"XFSB", "an XFS file system"),
-    (65600, b"_BHRfS_M", "a btrfs file system"),
-    (0, b"LUKS\xba\xbe", "a LUKS volume"),
-    (4086, b"SWAPSPACE2", "swap space"),
-    (512, b"EFI PART", "a GPT partition table"),
-    (3, b"NTFS    ", "an NTFS file system"),
-    (54, b"FAT1", "a FAT file system"),
-    (82, b"FAT32   ", "a FAT32 file system"),
-    (32769, b"CD001", "an ISO 9660 file system"),
-)
-
-
-def existing_signature(device: Device) -> str | None:
-    """What the device already holds that creating would destroy (None: looks empty)."""
-    sectors = device.sectors
-    for minor in (0, 1, 2):
-        if sectors < 24:
-            break
-        off = super_offset_for(minor, sectors) * SECTOR
-        if off + 4 <= device.size and int.from_bytes(device.pread(off, 4), "little") == MD_SB_MAGIC:
-            return f"an md superblock (metadata 1.{minor})"
-    v090 = (device.size & ~0xFFFF) - 0x10000
-    if v090 >= 0 and int.from_bytes(device.pread(v090, 4), "little") == MD_SB_MAGIC:
-        return "an md superblock (metadata 0.90)"
-    for off, magic, what in _SIGNATURES:
-        if off + len(magic) <= device.size and device.pread(off, len(magic)) == magic:
-            return what
-    if device.size >= 512 and device.pread(510, 2) == b"\x55\xaa" and any(device.pread(446, 64)):
-        return "a partition table"
-    return None
 
 
 @dataclass(frozen=True)
@@ -121,7 +87,13 @@ def parse_layout(level: int, layout: str | None) -> int:
         return 0
     if level == 10:
         return parse_raid10_layout(layout or "n2")
-    raise CreateError(f"creating raid{level} is not supported (raid1 and raid10 are)")
+    if level == 4:
+        if layout not in (None, "", "parity-last"):
+            raise CreateError("raid4 keeps parity on the last member: it has no other layout")
+        return 0  # mdadm leaves raid4's layout 0; md ignores it (parity is always last)
+    if level == 5:
+        return parse_raid5_layout(layout or "left-symmetric")
+    raise CreateError(f"creating {level_name(level)} is not supported ({creatable_names()} are)")
 
 
 def array_name(name: str, homehost: str | None) -> bytes:
@@ -148,12 +120,12 @@ def plan_members(spec: CreateSpec, dev_sectors: Sequence[int]) -> tuple[int, int
     if free <= 0:
         raise CreateError(f"member too small: {min(dev_sectors)} sectors, data would start at {data_offset}")
     free_kib = free // 2
-    if spec.level == 10:
+    if spec.level != 1:
         free_kib -= free_kib % chunk_kib
     size_kib = free_kib
     if spec.size is not None:
         want = spec.size // 2
-        if spec.level == 10:
+        if spec.level != 1:
             want -= want % chunk_kib
         if want > free_kib:
             raise CreateError(
@@ -237,21 +209,24 @@ def initial_bitmap_area(spec: CreateSpec, set_uuid: bytes, sync_size: int, size:
 
 def create(paths: Sequence[str], spec: CreateSpec, *, force: bool = False) -> list[Superblock1]:
     """Write a new array's metadata to ``paths`` (in role order); returns the superblocks."""
-    if spec.level not in (1, 10):
-        raise CreateError(f"creating raid{spec.level} is not supported (raid1 and raid10 are)")
+    lv = LEVELS.get(spec.level)
+    if lv is None or not lv.creatable:
+        raise CreateError(f"creating {level_name(spec.level)} is not supported ({creatable_names()} are)")
+    if spec.raid_devices < lv.min_disks:
+        raise CreateError(f"{lv.name} needs at least {lv.min_disks} raid devices, not {spec.raid_devices}")
     if len(paths) != spec.raid_devices:
         raise CreateError(f"{len(paths)} devices given for {spec.raid_devices} raid devices")
     if len({path_identity(p) for p in paths}) != len(paths):
         raise CreateError("the same device is given twice")
     if spec.level == 1 and spec.chunk_sectors:
         raise CreateError("specifying chunk size is forbidden for raid1")
-    if spec.level == 10:
+    if spec.level != 1:
         c = spec.chunk_sectors
         if c < 8 or c & (c - 1):
             raise CreateError("chunk size must be a power of two of at least 4K")
-        try:
-            Raid10Geometry.from_superblock(spec.layout, spec.raid_devices, c, c * 4)
-        except LayoutError as e:
+        try:  # the geometry md would build, on a size of a few chunks
+            lv.make(dataclasses.replace(_probe_superblock(spec), size=c * 4))
+        except (LayoutError, AssemblyError) as e:
             raise CreateError(str(e)) from None
     if spec.bitmap is BitmapKind.LOCKLESS and spec.minor != 2:
         raise CreateError("the lockless bitmap needs metadata 1.2")
@@ -270,12 +245,12 @@ def create(paths: Sequence[str], spec: CreateSpec, *, force: bool = False) -> li
         now = int(time.time())
         n = spec.raid_devices
         max_dev = (-(-(256 + 2 * n) // 512) * 512 - 256) // 2
-        roles = tuple(list(range(n)) + [ROLE_SPARE] * (max_dev - n))
+        numbers, roles, resync = _initial_roles(spec, max_dev)
         sbs = [
             build_superblock(
                 spec,
                 set_uuid=set_uuid,
-                dev_number=i,
+                dev_number=numbers[i],
                 dev_sectors=sizes[i],
                 data_offset=data_offset,
                 size=size,
@@ -285,6 +260,7 @@ def create(paths: Sequence[str], spec: CreateSpec, *, force: bool = False) -> li
                 now=now,
                 max_dev=max_dev,
                 roles=roles,
+                resync_offset=resync,
             )
             for i in range(n)
         ]
@@ -301,6 +277,28 @@ def create(paths: Sequence[str], spec: CreateSpec, *, force: bool = False) -> li
             d.close()
 
 
+def _initial_roles(spec: CreateSpec, max_dev: int) -> tuple[list[int], tuple[int, ...], int | None]:
+    """``(dev_number per device, dev_roles, resync_offset)`` as mdadm writes them.
+
+    raid4/5 without ``--assume-clean``: mdadm leaves the last slot empty and adds the last
+    device as a spare (device number ``raid_devices``), so md builds it by recovery, which is
+    faster than a resync of parity; the array is recorded clean (resync_offset MaxSector)."""
+    n = spec.raid_devices
+    if spec.level in (4, 5) and not spec.assume_clean:
+        numbers = [*range(n - 1), n]
+        roles = [*range(n - 1)] + [ROLE_SPARE] * (max_dev - n + 1)
+        return numbers, tuple(roles), MAX_SECTOR
+    return list(range(n)), tuple(list(range(n)) + [ROLE_SPARE] * (max_dev - n)), None
+
+
+def _probe_superblock(spec: CreateSpec) -> Superblock1:
+    """A superblock of the spec's geometry, only to let the level's personality validate it."""
+    return build_superblock(
+        spec, set_uuid=bytes(16), dev_number=0, dev_sectors=0, data_offset=0, size=0, bitmap_offset=0,
+        bblog_offset=0, bblog_size=0, now=0, max_dev=spec.raid_devices, roles=tuple(range(spec.raid_devices)),
+    )  # fmt: skip
+
+
 def _write_member(d: Device, sb: Superblock1, bitmap_area: bytes) -> None:
     raw = sb.build()
     raw += bytes(-len(raw) % 512)
@@ -313,36 +311,6 @@ def _write_member(d: Device, sb: Superblock1, bitmap_area: bytes) -> None:
         if other != sb.super_offset and int.from_bytes(d.pread(other * SECTOR, 4), "little") == MD_SB_MAGIC:
             d.pwrite(other * SECTOR, bytes(4096))
     d.sync()
-
-
-def new_member_superblock(
-    ref: Superblock1, device: Device, dev_number: int, *, force: bool = False
-) -> Superblock1:
-    """Superblock for a new member joining the array of ``ref`` (spare or replacement)."""
-    import dataclasses
-
-    if not force:
-        found = existing_signature(device)
-        if found:
-            raise CreateError(f"{device.path} appears to contain {found}; use --force to overwrite it")
-    minor = 2 if ref.super_offset == 8 else (1 if ref.super_offset == 0 else 0)
-    super_offset = super_offset_for(minor, device.sectors)
-    if device.sectors - ref.data_offset < ref.size:
-        need = ref.data_offset + ref.size
-        raise CreateError(f"{device.path} is too small: {device.sectors} sectors, the array needs {need}")
-    return dataclasses.replace(
-        ref,
-        dev_number=dev_number,
-        device_uuid=secrets.token_bytes(16),
-        super_offset=super_offset,
-        data_size=device.sectors - ref.data_offset,
-        recovery_offset=0,
-        cnt_corrected_read=0,
-        devflags=0,
-        feature_map=ref.feature_map & (Feature.BITMAP_OFFSET),
-        max_dev=max(ref.max_dev, dev_number + 1),
-        dev_roles=tuple(list(ref.dev_roles) + [ROLE_SPARE] * max(0, dev_number + 1 - ref.max_dev)),
-    ).with_checksum()
 
 
 def default_homehost() -> str | None:

@@ -12,11 +12,12 @@ import hashlib
 import tempfile
 from pathlib import Path
 
-from llraid.assemble import assemble, level_name
+from llraid.assemble import assemble
 from llraid.errors import LlraidError
 from llraid.examine import examine_bitmap, examine_bitmap_text, examine_text
 from llraid.fixtures import load_fixtures
 from llraid.member import open_member
+from llraid.raid.registry import level_name
 
 
 def run_demo(fixture_name: str, workdir: str | None) -> int:

@@ -40,3 +40,7 @@ class DeviceError(LlraidError):
 
 class BitmapIOError(LlraidError):
     """The bitmap could not be read from, or written to, any member."""
+
+
+class IOFailure(LlraidError):
+    """A read or write that no member could serve."""

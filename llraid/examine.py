@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from llraid.assemble import level_name
 from llraid.device import SECTOR
 from llraid.errors import FormatError
 from llraid.format import classic, llbitmap
@@ -31,6 +30,7 @@ from llraid.format.superblock import (
 )
 from llraid.member import Member
 from llraid.raid.layout import RAID5_LAYOUT_NAMES, raid10_layout_text
+from llraid.raid.registry import level_name
 
 Fact = tuple[str, str] | None
 INT64_MAX = (1 << 63) - 1

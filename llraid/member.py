@@ -112,10 +112,15 @@ def load_member(device: Device, minor: int | None = None) -> Member:
 DeviceOpener = Callable[[str, bool], Device]  # (path, writable) -> device; tests put simulations here
 
 
+def open_device(path: str, *, writable: bool, opener: DeviceOpener | None = None) -> Device:
+    """The one place member devices are opened (``opener``: tests' simulated devices)."""
+    return opener(path, writable) if opener else Device(path, writable=writable)
+
+
 def open_member(
     path: str, minor: int | None = None, *, writable: bool = False, opener: DeviceOpener | None = None
 ) -> Member:
-    device = opener(path, writable) if opener else Device(path, writable=writable)
+    device = open_device(path, writable=writable, opener=opener)
     try:
         return load_member(device, minor)
     except BaseException:

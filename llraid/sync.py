@@ -1,11 +1,11 @@
-"""Resync, recovery, check and repair of mirrored arrays (md's md_do_sync + sync_request).
+"""Resync, recovery, check and repair (md's md_do_sync): the loop, not the level's work.
 
 The sync thread walks an address space window by window and asks the bitmap, for each window,
 whether it may skip it (``skip_sync_blocks``) or must sync it (``start_sync``):
 
 * **resync** (after an unclean shutdown, or chunks marked NeedSync): the sync space (raid1:
-  member sectors; raid10: array sectors) from the checkpoint; raid1 copies the first in-sync
-  copy over the others, raid10 compares all copies and rewrites those that differ. llbitmap
+  member sectors; raid10: array sectors) from the checkpoint; the personality's
+  ``sync_window`` makes one window consistent (md's sync_request). llbitmap
   skips everything but NeedSync chunks; classic syncs its NEEDED chunks; without a bitmap every
   window is synced.
 * **recovery** of a member (re-added or new): its member sectors from ``recovery_offset``. A
@@ -32,10 +32,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from llraid.array import BUCKET_SIZE, Array, IOFailure, Rdev, RdevState
+from llraid.array import Array
 from llraid.bitmap.base import SyncKind
-from llraid.errors import DeviceError
 from llraid.format.superblock import MAX_SECTOR
+from llraid.raid.barrier import BUCKET_SIZE
+from llraid.rdev import Rdev, RdevState
 
 WINDOW = BUCKET_SIZE  # sectors per sync window at most (64 KiB, md's largest raid1/raid10 sync IO)
 CHECKPOINT_SECONDS = 5.0
@@ -95,6 +96,9 @@ def needed_sync(array: Array) -> SyncKind | None:
 
 
 class _Sync:
+    """One pass of the sync thread; also the accounted member IO (:class:`SyncIO`) that the
+    personality's sync windows use."""
+
     def __init__(
         self,
         array: Array,
@@ -104,9 +108,8 @@ class _Sync:
         progress: Progress | None,
         checkpoint_seconds: float,
     ) -> None:
-        assert array.mirror is not None
         self.array = array
-        self.mirror = array.mirror
+        self.pers = array.personality
         self.bm = array.bitmap
         self.kind = kind
         self.stop = stop or threading.Event()
@@ -120,16 +123,22 @@ class _Sync:
 
     # accounting ---------------------------------------------------------------------------------
 
-    def _read(self, d: Rdev, ms: int, n: int) -> bytes:
+    def read(self, d: Rdev, ms: int, n: int) -> bytes:
         data = self.array.read_member(d, ms, n)
         self.stats.bytes_read[d.path] = self.stats.bytes_read.get(d.path, 0) + len(data)
         self.bytes_moved += len(data)
         return data
 
-    def _write(self, d: Rdev, ms: int, data: bytes) -> None:
+    def write(self, d: Rdev, ms: int, data: bytes) -> None:
         self.array.write_member(d, ms, data)
         self.stats.bytes_written[d.path] = self.stats.bytes_written.get(d.path, 0) + len(data)
         self.bytes_moved += len(data)
+
+    def mismatch(self, sectors: int) -> None:
+        self.stats.mismatches += sectors
+
+    def repaired(self, sectors: int) -> None:
+        self.stats.repaired += sectors
 
     def _throttle(self) -> None:
         if self.speed_limit:
@@ -144,66 +153,11 @@ class _Sync:
             return True
         return False
 
-    # windows ------------------------------------------------------------------------------------
-
-    def _sync_window(self, v: int, n: int) -> None:
-        """Resync / check / repair array (sync-space) sectors ``[v, v+n)``."""
-        for p in self.mirror.pieces(v, n):
-            copies = [
-                (self.array.by_role(r), ms) for r, ms in p.copies if self.array.available(r, ms, p.count)
-            ]
-            live = [(d, ms) for d, ms in copies if d is not None]
-            if len(live) < 2:
-                continue  # nothing to compare or copy to
-            src, src_ms = live[0]
-            try:
-                data = self._read(src, src_ms, p.count)
-            except DeviceError as e:
-                self.array.fail(src, reason=str(e))
-                raise IOFailure(f"sync read failed on {src.path}") from None
-            if self.kind is SyncKind.RESYNC and self.array.level == 1:
-                targets = live[1:]  # raid1 resync: copy the first copy over the others
-            else:
-                targets = []
-                for d, ms in live[1:]:
-                    if self._read(d, ms, p.count) != data:
-                        targets.append((d, ms))
-                if targets:
-                    self.stats.mismatches += p.count
-            if self.kind is SyncKind.CHECK:
-                continue
-            for d, ms in targets:
-                try:
-                    self._write(d, ms, data)
-                except DeviceError as e:
-                    self.array.fail(d, reason=str(e))
-                if self.kind is not SyncKind.RESYNC or self.array.level != 1:
-                    self.stats.repaired += p.count
-
-    def _recover_window(self, target: Rdev, ms: int, v: int, n: int) -> None:
-        """Copy array (sync-space) sectors ``[v, v+n)`` onto ``target`` at member sector ``ms``."""
-        out = bytearray()
-        for p in self.mirror.pieces(v, n):
-            for r, pms in p.copies:
-                d = self.array.by_role(r)
-                if d is None or d is target or not self.array.available(r, pms, p.count):
-                    continue
-                try:
-                    out += self._read(d, pms, p.count)
-                    break
-                except DeviceError as e:
-                    self.array.fail(d, reason=str(e))
-            else:
-                raise IOFailure(
-                    f"no in-sync copy to recover array sectors {p.sector}..{p.sector + p.count - 1}"
-                )
-        self._write(target, ms, bytes(out))
-
     # walks --------------------------------------------------------------------------------------
 
     def run_space(self) -> None:
         """Resync / check / repair over the sync space."""
-        end = self.mirror.sync_sectors
+        end = self.pers.sync_sectors
         pos = (
             self.array.resync_cp if self.kind is SyncKind.RESYNC and self.array.resync_cp != MAX_SECTOR else 0
         )
@@ -227,7 +181,7 @@ class _Sync:
                 must, n = self.bm.start_sync(pos, degraded)
             n = min(n, WINDOW - pos % WINDOW, end - pos)
             if must or self.kind.requested:
-                self._locked(pos, n, functools.partial(self._sync_window, pos, n))
+                self._locked(pos, n, functools.partial(self.pers.sync_window, self, self.kind, pos, n))
                 self.stats.windows_synced += 1
                 self.stats.sectors_synced += n
             else:
@@ -242,14 +196,14 @@ class _Sync:
         end = self.array.dev_sectors
         ms = target.recovery_offset
         self.stats.start, self.stats.end, self.stats.member = ms, end, target.path
-        chunk = getattr(getattr(self.mirror, "geo", None), "chunk_sectors", WINDOW)
+        unit = self.pers.recovery_unit
         self.bm.cond_end_sync(0)
         while ms < end:
             if self.stop.is_set() or target.state is not RdevState.RECOVERING:
                 self._interrupt(ms, target)
                 return
-            step = min(WINDOW - ms % WINDOW, chunk - ms % chunk, end - ms)
-            v = self.mirror.member_to_sync(target.role, ms)
+            step = min(WINDOW - ms % WINDOW, unit - ms % unit, end - ms)
+            v = self.pers.member_to_sync(target.role, ms)
             if v is None:
                 ms += step
                 target.recovery_offset = ms
@@ -263,7 +217,8 @@ class _Sync:
             must, n = self.bm.start_sync(v, True)
             n = min(n, step)
             if must or not target.bitmap_sync:
-                self._locked(v, n, functools.partial(self._recover_window, target, ms, v, n))
+                work = functools.partial(self.pers.recover_window, self, target, ms, v, n)
+                self._locked(v, n, work)
                 self.stats.windows_synced += 1
                 self.stats.sectors_synced += n
             else:
@@ -280,38 +235,35 @@ class _Sync:
         self.stats.completed = True
 
     def _locked(self, v: int, n: int, work: Callable[[], None]) -> None:
-        buckets = self.array._buckets.of(v, n)
-        self.array._buckets.raise_barrier(buckets)
+        barrier = self.array.barrier
+        buckets = barrier.of(v, n)
+        barrier.raise_barrier(buckets)
         try:
             work()
         finally:
-            self.array._buckets.lower_barrier(buckets)
+            barrier.lower_barrier(buckets)
 
     def _after_window(self, pos: int, end: int) -> None:
         if self.kind is SyncKind.RESYNC and self._checkpoint_due():
             self.bm.cond_end_sync(pos, force=True)
-            with self.array._sb_lock:
-                if self.array.resync_cp != MAX_SECTOR:
-                    self.array.resync_cp = pos
-                self.array.update_sb()
+            self.array.set_resync_checkpoint(pos)
         self._throttle()
         if self.progress:
             self.progress(self.kind.value, pos, end)
 
     def _interrupt(self, pos: int, target: Rdev | None = None) -> None:
         self.bm.end_sync(pos if target is None else 0)
-        with self.array._sb_lock:
-            if self.kind is SyncKind.RESYNC and self.array.resync_cp != MAX_SECTOR:
-                self.array.resync_cp = pos
+        if self.kind is SyncKind.RESYNC:
+            self.array.set_resync_checkpoint(pos)
+        else:
             self.array.update_sb()
 
     def _finish(self) -> None:
         if self.kind is not SyncKind.CHECK:
             self.bm.close_sync()
-        with self.array._sb_lock:
-            if self.kind is SyncKind.RESYNC:
-                self.array.resync_cp = MAX_SECTOR
-                self.array.sync_requested = False
+        if self.kind is SyncKind.RESYNC:
+            self.array.resync_finished()
+        else:
             self.array.update_sb()
         self.stats.completed = True
 
@@ -329,14 +281,12 @@ def run_sync(
     kind = kind or needed_sync(array)
     if kind is None:
         return SyncStats("idle", completed=True)
-    if array.mirror is None:
-        raise IOFailure(f"sync is not supported for raid{array.level}")
     s = _Sync(array, kind, stop, speed_limit, progress, checkpoint_seconds)
     if kind is SyncKind.RECOVERY:
         targets = [d for d in array.rdevs if d.state is RdevState.RECOVERING]
         if not targets:
             return SyncStats("idle", completed=True)
-        if hasattr(array.bitmap, "start_recovery") and not all(d.bitmap_sync for d in targets):
+        if not all(d.bitmap_sync for d in targets):
             array.bitmap.start_recovery()
         for d in targets:
             s.run_recovery(d)
@@ -345,7 +295,6 @@ def run_sync(
     else:
         s.run_space()
     s.stats.seconds = time.monotonic() - s.t0
-    array.last_sync = s.stats
     return s.stats
 
 

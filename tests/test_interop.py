@@ -66,7 +66,7 @@ def make_array(
         level=level,
         raid_devices=n,
         layout=parse_layout(level, layout),
-        chunk_sectors=1024 if level == 10 else 0,
+        chunk_sectors=0 if level == 1 else 1024,
         bitmap=bitmap,
         assume_clean=False,
         name="interop",
@@ -100,6 +100,9 @@ CASES = [
     (10, "f2", BitmapKind.LOCKLESS, 4),
     (10, "o2", BitmapKind.CLASSIC, 4),
     (10, "n2", BitmapKind.NONE, 3),
+    (5, None, BitmapKind.LOCKLESS, 3),
+    (5, "right-asymmetric", BitmapKind.CLASSIC, 4),
+    (4, None, BitmapKind.NONE, 3),
 ]
 
 
@@ -158,6 +161,8 @@ def loop_device(path: str, *, readonly: bool = True) -> Iterator[str]:
         subprocess.run(["losetup", "-d", dev], check=False)
 
 
+# raid1 only: dissect.volume misreads md raid5 even for the kernel's own fixture h (wrong size
+# and content), so it is no oracle there.
 @pytest.mark.parametrize("bitmap", [BitmapKind.LOCKLESS, BitmapKind.CLASSIC, BitmapKind.NONE])
 def test_dissect_volume_reads_llraid_raid1(bitmap: BitmapKind, tmp_path: Path) -> None:
     md = pytest.importorskip("dissect.volume.md")

@@ -134,6 +134,14 @@ class Bitmap(ABC):
         """raid456: parity of the chunk at ``offset`` is known to be valid."""
         return True
 
+    def start_recovery(self) -> None:
+        """A recovery of a member that is not guided by the bitmap (a new member) starts."""
+
+    def covers_since(self, events: int) -> bool:
+        """True if every write since the array's event count was ``events`` is recorded here,
+        so a member that left at that count needs only what the bitmap marks (re-add)."""
+        return False
+
     # ---- metadata and views --------------------------------------------------------------
 
     def update_sb(self, events: int) -> None:

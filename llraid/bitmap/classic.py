@@ -358,6 +358,9 @@ class ClassicBitmap(Bitmap):
     def events_cleared(self) -> int:
         return self._events_cleared
 
+    def covers_since(self, events: int) -> bool:
+        return events >= self._events_cleared
+
     @property
     def flags(self) -> BitmapFlag:
         return BitmapFlag(self._flags & sum(BitmapFlag))

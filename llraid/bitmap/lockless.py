@@ -708,6 +708,9 @@ class LocklessBitmap(Bitmap):
         state = self._apply(p, p, Action.STARTSYNC)
         return state in (_S, _SU), blocks
 
+    def covers_since(self, events: int) -> bool:
+        return events >= self.events_cleared
+
     def start_recovery(self) -> None:
         """Before a real recovery: the new member has no parity for *Unwritten chunks."""
         self._apply(0, self.chunks - 1, Action.CLEAR_UNWRITTEN)

@@ -29,6 +29,7 @@ __all__ = [
     "Raid5Algorithm",
     "Raid5Geometry",
     "Raid10Geometry",
+    "parse_raid5_layout",
     "parse_raid10_layout",
     "raid1_array_sectors",
     "raid10_layout_text",
@@ -290,6 +291,22 @@ RAID5_LAYOUT_NAMES: dict[int, str] = {
     4: "parity-first",
     5: "parity-last",
 }
+
+
+_RAID5_LAYOUT_ALIASES = {"la": 0, "ra": 1, "ls": 2, "rs": 3, "default": 2}
+
+
+def parse_raid5_layout(name: str) -> int:
+    """mdadm's raid5 layout names (``left-symmetric``, ``ls``, ...) -> ``sb.layout``."""
+    key = name.strip().lower()
+    for value, text in RAID5_LAYOUT_NAMES.items():
+        if key == text:
+            return value
+    if key in _RAID5_LAYOUT_ALIASES:
+        return _RAID5_LAYOUT_ALIASES[key]
+    known = ", ".join(RAID5_LAYOUT_NAMES.values())
+    raise LayoutError(f"unknown raid5 layout {name!r} (known: {known})")
+
 
 # Plain ints for the hot path: comparing against IntEnum members is measurably slower.
 _LA = int(Raid5Algorithm.LEFT_ASYMMETRIC)

@@ -26,6 +26,10 @@ class Raid10(MirrorPersonality):
     def sync_sectors(self) -> int:
         return self.geo.array_sectors  # raid10 resyncs (and its bitmap covers) array sectors
 
+    @property
+    def recovery_unit(self) -> int:
+        return self.geo.chunk_sectors  # a recovery window stays inside one chunk's copies
+
     def check_roles(self, roles: set[int]) -> None:
         # Which members hold a chunk depends only on (chunk * near) mod raid_disks, so the
         # first raid_disks chunks show every copy set the array has.
