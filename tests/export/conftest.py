@@ -104,7 +104,7 @@ def make_members(
         level=level,
         raid_devices=n,
         layout=parse_layout(level, layout if level == 10 else None),
-        chunk_sectors=1024 if level == 10 else 0,
+        chunk_sectors=0 if level == 1 else 1024,
         bitmap=bitmap,
         assume_clean=assume_clean,
         name=name,

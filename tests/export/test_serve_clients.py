@@ -15,6 +15,7 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -182,6 +183,26 @@ def test_nbdcopy_roundtrip_64mib(serve: ServeFactory, members: list[str], tmp_pa
     assert nbdstats["connections"] >= 2  # nbdcopy uses several connections (multi-conn)
     stop_and_check(s, members)
     assert sha(cat(s.rundir, members, 0, 64 * MiB)) == sha(data)  # on the members, offline
+
+
+def test_raid5_nbdcopy_roundtrip_and_readonly(serve: ServeFactory, tmp_path: Path) -> None:
+    """A parity array served read-write, then read-only (nothing written, bitmap included)."""
+    nbdcopy = need_tool("nbdcopy")
+    members = make_members(tmp_path, level=5, n=3, layout=None)
+    s = serve(members)
+    src = tmp_path / "src.img"
+    data = random.Random(5).randbytes(24 * MiB + 4096)
+    src.write_bytes(data)
+    run([nbdcopy, str(src), s.uri])
+    stop_and_check(s, members)
+    assert sha(cat(s.rundir, members, 0, len(data))) == sha(data)
+    before = [sha(Path(m).read_bytes()) for m in members]
+    s = serve(members, "--readonly")
+    back = tmp_path / "back.img"
+    run([nbdcopy, s.uri, str(back)])
+    assert sha(back.read_bytes()[: len(data)]) == sha(data)
+    assert s.signal(signal.SIGTERM) == 0
+    assert [sha(Path(m).read_bytes()) for m in members] == before
 
 
 # ---- qemu-img / qemu-io ---------------------------------------------------------------------------------
