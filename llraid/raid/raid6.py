@@ -47,17 +47,17 @@ class Raid6:
             )
 
     def read(self, io: MemberIO, sector: int, count: int) -> bytes:
-        out = bytearray()
+        parts: list[bytes] = []
         width = self.geo.chunk_sectors * self.geo.data_disks  # array sectors per stripe row
         end = sector + count
         while sector < end:
             n = min(end, sector - sector % width + width) - sector
-            out += self._read_row(io, sector, n)
+            self._read_row(io, sector, n, parts)
             sector += n
-        return bytes(out)
+        return b"".join(parts)
 
-    def _read_row(self, io: MemberIO, sector: int, count: int) -> bytes:
-        """``count`` array sectors from ``sector``, all inside one stripe row."""
+    def _read_row(self, io: MemberIO, sector: int, count: int, parts: list[bytes]) -> None:
+        """Append ``count`` array sectors from ``sector``, all inside one stripe row, to ``parts``."""
         geo = self.geo
         chunk = geo.chunk_sectors
         pieces: list[tuple[int, int, int]] = []  # (data role, member sector, sectors)
@@ -76,15 +76,13 @@ class Raid6:
             lo = min(ms for _, ms, _ in lost)
             hi = max(ms + n for _, ms, n in lost)
             rebuilt = self.stripe_blocks(io, lo, hi - lo, {dd for dd, _, _ in lost})
-        out = bytearray()
         for dd, ms, n in pieces:
             block = rebuilt.get(dd)
             if block is None:
-                out += io.read(dd, ms, n)
+                parts.append(io.read(dd, ms, n))
             else:
                 start = (ms - lo) * SECTOR
-                out += block[start : start + n * SECTOR].tobytes()
-        return bytes(out)
+                parts.append(block[start : start + n * SECTOR].tobytes())
 
     def stripe_blocks(self, io: MemberIO, msector: int, count: int, roles: Iterable[int]) -> dict[int, Block]:
         """The contents of ``roles`` (data, P or Q) at member sectors ``[msector,
