@@ -26,7 +26,7 @@ from llraid.format.bitmap import BitmapSuper
 from llraid.format.superblock import ROLE_FAULTY, ROLE_MAX, Feature, Superblock1, format_uuid
 from llraid.member import Member
 from llraid.raid.base import Personality
-from llraid.raid.registry import personality_for
+from llraid.raid.registry import level_name, personality_for
 
 
 def check_member(member: Member, *, force: bool = False) -> None:
@@ -178,10 +178,10 @@ def assemble(members: Sequence[Member], *, force: bool = False) -> Assembly:
         bitmap_sb = _load_bitmap_sb(fresh, force=force)
 
     asm = Assembly(ref, personality, slots, list(members), stale, spares, bitmap_sb, faulty)
-    if ref.level in (4, 5) and asm.degraded and not ref.is_clean and not force:
+    if ref.level in (4, 5, 6) and asm.degraded and not ref.is_clean and not force:
         raise AssemblyError(
-            "degraded raid5 that was not shut down cleanly: parity may be stale, so rebuilt data could be "
-            "wrong (use --force to read anyway)"
+            f"degraded {level_name(ref.level)} that was not shut down cleanly: parity may be stale, so "
+            "rebuilt data could be wrong (use --force to read anyway)"
         )
     return asm
 

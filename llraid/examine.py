@@ -29,7 +29,7 @@ from llraid.format.superblock import (
     format_uuid,
 )
 from llraid.member import Member
-from llraid.raid.layout import RAID5_LAYOUT_NAMES, raid10_layout_text
+from llraid.raid.layout import RAID5_LAYOUT_NAMES, RAID6_LAYOUT_NAMES, raid10_layout_text
 from llraid.raid.registry import level_name
 
 Fact = tuple[str, str] | None
@@ -231,7 +231,7 @@ def examine_facts(member: Member, homehost: str | None = None) -> list[Fact]:
     )
     facts += [("Checksum", csum), ("Events", str(sb.events)), None]
     if sb.level in (5, 6):
-        facts.append(("Layout", RAID5_LAYOUT_NAMES.get(sb.layout, "-unknown-")))
+        facts.append(("Layout", _parity_layout_name(sb.level, sb.layout)))
     elif sb.level == 10:
         facts.append(("Layout", raid10_layout_text(sb.layout)))
     if sb.level in (0, 4, 5, 6, 10):
@@ -250,6 +250,12 @@ def examine_facts(member: Member, homehost: str | None = None) -> list[Fact]:
 _KNOWN_LEVELS = {-5, -4, -1, 0, 1, 4, 5, 6, 10}
 
 
+def _parity_layout_name(level: int, layout: int) -> str:
+    # mdadm looks raid6 layouts up in its r6layout table (which has the -6 and DDF names).
+    names = RAID6_LAYOUT_NAMES if level == 6 else RAID5_LAYOUT_NAMES
+    return names.get(layout, "-unknown-")
+
+
 def _reshape_facts(sb: Superblock1) -> list[Fact]:
     facts: list[Fact] = [
         ("Reshape pos'n", f"{sb.reshape_position // 2}{human_size(sb.reshape_position << 9)}")
@@ -264,7 +270,7 @@ def _reshape_facts(sb: Superblock1) -> list[Fact]:
         if sb.level == 10:
             facts.append(("New Layout", raid10_layout_text(sb.new_layout)))
         else:
-            facts.append(("New Layout", RAID5_LAYOUT_NAMES.get(sb.new_layout, "-unknown-")))
+            facts.append(("New Layout", _parity_layout_name(sb.level, sb.new_layout)))
     if sb.new_chunk != sb.chunksize:
         facts.append(("New Chunksize", f"{sb.new_chunk // 2}K"))
     facts.append(None)

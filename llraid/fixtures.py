@@ -1,6 +1,8 @@
 """The kernel-made golden fixtures in ``../shared/fixtures``: locate, unpack, and know their data.
 
-Used by the tests and by ``llraid demo``. The fixtures are never copied or changed: member
+The parity-RAID set (raid5/raid6, ``../shared/fixtures-parity``) has the same format and is
+kept apart so that code iterating the first set is unaffected; :func:`load_parity_fixtures`
+reads it. Used by the tests and by ``llraid demo``. The fixtures are never copied or changed: member
 images are decompressed (zstd) into a scratch directory as sparse files, and the expected
 array content is regenerated from the manifest's write list (pattern in the fixtures' README).
 """
@@ -18,21 +20,24 @@ from typing import Any, BinaryIO
 from llraid.errors import LlraidError
 
 ENV_VAR = "LLRAID_FIXTURES"
+PARITY_ENV_VAR = "LLRAID_FIXTURES_PARITY"
 SECTOR = 512
 _ZERO_MIB = bytes(1 << 20)
 
 
-def fixtures_dir(start: Path | None = None) -> Path:
-    """``$LLRAID_FIXTURES``, else ``../shared/fixtures`` beside the repo (or ``start``)."""
-    env = os.environ.get(ENV_VAR)
+def fixtures_dir(start: Path | None = None, *, parity: bool = False) -> Path:
+    """``$LLRAID_FIXTURES``, else ``../shared/fixtures`` beside the repo (or ``start``); with
+    ``parity``, ``$LLRAID_FIXTURES_PARITY``, else ``../shared/fixtures-parity``."""
+    env = os.environ.get(PARITY_ENV_VAR if parity else ENV_VAR)
     if env:
         return Path(env)
+    leaf = "fixtures-parity" if parity else "fixtures"
     here = start or Path(__file__).resolve().parent.parent
     for base in (here, Path.cwd()):
-        candidate = base.parent / "shared" / "fixtures"
+        candidate = base.parent / "shared" / leaf
         if (candidate / "manifest.json").is_file():
             return candidate
-    return here.parent / "shared" / "fixtures"
+    return here.parent / "shared" / leaf
 
 
 @dataclass(frozen=True)
@@ -153,10 +158,15 @@ def copy_sparse(src: Path, dest: Path) -> Path:
     return dest
 
 
-def load_fixtures(root: Path | None = None) -> list[Fixture]:
-    root = root or fixtures_dir()
+def load_fixtures(root: Path | None = None, *, parity: bool = False) -> list[Fixture]:
+    root = root or fixtures_dir(parity=parity)
     manifest = root / "manifest.json"
     if not manifest.is_file():
-        raise LlraidError(f"fixtures not found at {root} (set {ENV_VAR})")
+        raise LlraidError(f"fixtures not found at {root} (set {PARITY_ENV_VAR if parity else ENV_VAR})")
     data = json.loads(manifest.read_text())
     return [Fixture(root, f) for f in data["fixtures"]]
+
+
+def load_parity_fixtures(root: Path | None = None) -> list[Fixture]:
+    """The raid5/raid6 set (``../shared/fixtures-parity`` or ``$LLRAID_FIXTURES_PARITY``)."""
+    return load_fixtures(root, parity=True)

@@ -1,7 +1,9 @@
 """Shared test fixtures: the kernel-made member images, unpacked once per session.
 
 The images are read in place from ``../shared/fixtures`` (or ``$LLRAID_FIXTURES``) and
-decompressed into a session temp dir as sparse files; tests never change them. A test that
+decompressed into a session temp dir as sparse files; tests never change them. The raid5/raid6
+set in ``../shared/fixtures-parity`` (or ``$LLRAID_FIXTURES_PARITY``) is kept out of ``ALL``, so
+tests that iterate the first set are unaffected; ``unpacked`` serves both. A test that
 needs to damage a member makes its own copy with :func:`llraid.fixtures.copy_sparse`.
 """
 
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from llraid.fixtures import Fixture, load_fixtures
+from llraid.fixtures import Fixture, load_fixtures, load_parity_fixtures
 
 os.environ["TZ"] = "UTC"  # mdadm printed the fixtures' times in the VM's UTC
 time.tzset()
@@ -29,6 +31,8 @@ if _hard == resource.RLIM_INFINITY or _hard > 16 << 30:
 ALL = load_fixtures()
 BY_NAME = {f.name: f for f in ALL}
 MEMBERS = [(f.name, i) for f in ALL for i in range(len(f.members))]
+PARITY = load_parity_fixtures()
+PARITY_BY_NAME = {f.name: f for f in PARITY}
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +42,8 @@ def unpacked(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], list[P
 
     def get(name: str) -> list[Path]:
         if name not in cache:
-            cache[name] = BY_NAME[name].unpack(root / name)
+            fx = BY_NAME[name] if name in BY_NAME else PARITY_BY_NAME[name]
+            cache[name] = fx.unpack(root / name)
         return cache[name]
 
     return get

@@ -1,4 +1,4 @@
-"""Pure address mapping of Linux md for raid1, raid10 and raid4/5 (spec: LAYOUTS.md §3-§5).
+"""Pure address mapping of Linux md for raid1, raid10 and raid4/5/6 (spec: LAYOUTS.md §3-§5).
 
 Three address spaces appear here, all counted in 512-byte sectors:
 
@@ -26,9 +26,13 @@ from llraid.errors import LayoutError
 
 __all__ = [
     "RAID5_LAYOUT_NAMES",
+    "RAID6_LAYOUT_NAMES",
     "Raid5Algorithm",
     "Raid5Geometry",
+    "Raid6Algorithm",
+    "Raid6Geometry",
     "Raid10Geometry",
+    "StripeLayout",
     "parse_raid5_layout",
     "parse_raid10_layout",
     "raid1_array_sectors",
@@ -356,7 +360,7 @@ class Raid5Geometry:
         """Geometry from the superblock, validated as raid5.c ``setup_conf`` does and sized
         as ``raid5_size`` does (component size rounded down to a whole chunk)."""
         if level == 6:
-            raise LayoutError("raid6 is not supported")
+            raise LayoutError("raid6 has two parity blocks per stripe: use Raid6Geometry")
         if level not in (4, 5):
             raise LayoutError(f"raid5 geometry: level {level} is not 4 or 5")
         if level == 5:
@@ -467,6 +471,279 @@ class Raid5Geometry:
         width = self.chunk_sectors * self._data_disks  # array sectors per stripe row
         # A row-aligned array sector k * width maps to member sector k * chunk on every
         # member, so rounding to rows and mapping reduces to this.
+        first_row = start // width
+        end_row = -(-(start + length) // width)
+        return first_row << self.chunk_shift, end_row << self.chunk_shift
+
+
+# --------------------------------------------------------------------------------------
+# raid6
+# --------------------------------------------------------------------------------------
+
+
+class Raid6Algorithm(IntEnum):
+    """raid6 P/Q placement (``sb.layout`` for level 6; kernel ``ALGORITHM_*``)."""
+
+    LEFT_ASYMMETRIC = 0
+    RIGHT_ASYMMETRIC = 1
+    LEFT_SYMMETRIC = 2
+    RIGHT_SYMMETRIC = 3
+    PARITY_0 = 4
+    PARITY_N = 5
+    ROTATING_ZERO_RESTART = 8
+    ROTATING_N_RESTART = 9
+    ROTATING_N_CONTINUE = 10
+    LEFT_ASYMMETRIC_6 = 16
+    RIGHT_ASYMMETRIC_6 = 17
+    LEFT_SYMMETRIC_6 = 18
+    RIGHT_SYMMETRIC_6 = 19
+    PARITY_0_6 = 20
+
+    @property
+    def is_ddf(self) -> bool:
+        """The three DDF layouts, whose Q takes the blocks in a different order (§5.4)."""
+        return 8 <= self.value <= 10
+
+
+# mdadm's r6layout names (the first name map_num finds for each value).
+RAID6_LAYOUT_NAMES: dict[int, str] = {
+    0: "left-asymmetric",
+    1: "right-asymmetric",
+    2: "left-symmetric",
+    3: "right-symmetric",
+    4: "parity-first",
+    5: "parity-last",
+    8: "ddf-zero-restart",
+    9: "ddf-N-restart",
+    10: "ddf-N-continue",
+    16: "left-asymmetric-6",
+    17: "right-asymmetric-6",
+    18: "left-symmetric-6",
+    19: "right-symmetric-6",
+    20: "parity-first-6",
+}
+
+
+@dataclass(frozen=True)
+class StripeLayout:
+    """Where the blocks of one raid6 stripe row live, and their places in the Q syndrome.
+
+    ``Q = sum over k of g^slots[k] * D_k`` where ``D_k`` is the row's logical data block ``k``
+    (array order), held by role ``data_roles[k]``.
+    """
+
+    p_role: int
+    q_role: int
+    data_roles: tuple[int, ...]
+    slots: tuple[int, ...]
+    syndrome_disks: int  # length of the slot sequence: data_disks, or raid_disks for DDF
+    _index: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        index = [-1] * (len(self.data_roles) + 2)
+        for k, role in enumerate(self.data_roles):
+            index[role] = k
+        object.__setattr__(self, "_index", tuple(index))
+
+    def data_index(self, role: int) -> int | None:
+        """Logical data block held by ``role`` in this row (``None``: it holds P or Q)."""
+        k = self._index[role]
+        return None if k < 0 else k
+
+    @property
+    def slot_roles(self) -> tuple[int | None, ...]:
+        """The role at each syndrome slot, in slot order (``None``: a DDF slot that is empty
+        because P or Q sits there; it counts as zeros)."""
+        out: list[int | None] = [None] * self.syndrome_disks
+        for role, slot in zip(self.data_roles, self.slots, strict=True):
+            out[slot] = role
+        return tuple(out)
+
+
+_R6_FIXED = (Raid6Algorithm.PARITY_0, Raid6Algorithm.PARITY_N, Raid6Algorithm.PARITY_0_6)
+_R6_ROTATE_N_MINUS_1 = (
+    Raid6Algorithm.LEFT_ASYMMETRIC_6,
+    Raid6Algorithm.RIGHT_ASYMMETRIC_6,
+    Raid6Algorithm.LEFT_SYMMETRIC_6,
+    Raid6Algorithm.RIGHT_SYMMETRIC_6,
+)
+
+
+def _raid6_placement(alg: Raid6Algorithm, n: int, stripe: int) -> tuple[int, int, list[int]]:
+    """(P role, Q role, role of each logical data block) of stripe row ``stripe``: the level 6
+    branch of ``raid5_compute_sector`` evaluated for every data index of the row."""
+    A = Raid6Algorithm
+    ks = range(n - 2)
+    if alg in (A.LEFT_ASYMMETRIC, A.RIGHT_ASYMMETRIC, A.ROTATING_ZERO_RESTART, A.ROTATING_N_RESTART):
+        if alg is A.LEFT_ASYMMETRIC:
+            pd = n - 1 - stripe % n
+        elif alg is A.ROTATING_N_RESTART:
+            pd = n - 1 - (stripe + 1) % n  # left-asymmetric shifted so row 0 is D D D P Q
+        else:  # right-asymmetric and ROTATING_ZERO_RESTART place blocks alike
+            pd = stripe % n
+        if pd == n - 1:  # Q D D D P: Q wraps round to the first member
+            return pd, 0, [k + 1 for k in ks]
+        return pd, pd + 1, [k + 2 if k >= pd else k for k in ks]  # D D P Q D
+    if alg in (A.LEFT_SYMMETRIC, A.RIGHT_SYMMETRIC):
+        pd = n - 1 - stripe % n if alg is A.LEFT_SYMMETRIC else stripe % n
+        return pd, (pd + 1) % n, [(pd + 2 + k) % n for k in ks]
+    if alg is A.PARITY_0:
+        return 0, 1, [k + 2 for k in ks]
+    if alg is A.PARITY_N:
+        return n - 2, n - 1, list(ks)
+    if alg is A.ROTATING_N_CONTINUE:  # left-symmetric with Q just before P
+        pd = n - 1 - stripe % n
+        return pd, (pd + n - 1) % n, [(pd + 1 + k) % n for k in ks]
+    # The "_6" layouts: the raid5 layout of the same name over the first n-1 members, Q on the last.
+    m = n - 1
+    if alg in (A.LEFT_ASYMMETRIC_6, A.RIGHT_ASYMMETRIC_6):
+        pd = n - 2 - stripe % m if alg is A.LEFT_ASYMMETRIC_6 else stripe % m
+        return pd, n - 1, [k + 1 if k >= pd else k for k in ks]
+    if alg in (A.LEFT_SYMMETRIC_6, A.RIGHT_SYMMETRIC_6):
+        pd = n - 2 - stripe % m if alg is A.LEFT_SYMMETRIC_6 else stripe % m
+        return pd, n - 1, [(pd + 1 + k) % m for k in ks]
+    return 0, n - 1, [k + 1 for k in ks]  # PARITY_0_6
+
+
+def _syndrome_slots(
+    n: int, pd: int, qd: int, data_roles: list[int], ddf: bool
+) -> tuple[tuple[int, ...], int]:
+    """(slot of each logical data block, number of slots), as ``set_syndrome_sources`` lays
+    the blocks out for the Q computation.
+
+    The kernel walks the members once round, starting at ``raid6_d0``, and hands out slots
+    with ``raid6_idx_to_slot``:
+
+    * md layouts: the walk starts just after Q (at member 0 when Q is the last member), P and
+      Q get no slot, and the data members are numbered 0, 1, ... in walk order. For the
+      symmetric layouts that is the array order; for the asymmetric ones it is not (the data
+      after Q come first).
+    * DDF layouts: the walk starts at member 0 and every member's position is its slot, P's
+      and Q's included, which are then left empty (zeros); so the slot of a data block is its
+      role, and there are ``raid_disks`` slots.
+    """
+    if ddf:
+        return tuple(data_roles), n
+    start = 0 if qd == n - 1 else qd + 1
+    walk = [(start + i) % n for i in range(n)]
+    slot_of = {role: slot for slot, role in enumerate(r for r in walk if r not in (pd, qd))}
+    return tuple(slot_of[r] for r in data_roles), n - 2
+
+
+@dataclass(frozen=True)
+class Raid6Geometry:
+    """One raid6 geometry: two parity blocks per stripe row, P (XOR) and Q (Reed-Solomon).
+
+    Build it with :meth:`from_superblock`. Placement repeats every ``raid_disks`` rows (every
+    ``raid_disks - 1`` for the ``_6`` layouts), so one period of :class:`StripeLayout` is
+    computed up front and every lookup is an index into it.
+    """
+
+    raid_disks: int
+    chunk_sectors: int
+    algorithm: Raid6Algorithm
+    dev_sectors: int
+    array_sectors: int
+    chunk_shift: int = field(init=False, repr=False, compare=False)
+    chunk_mask: int = field(init=False, repr=False, compare=False)
+    _rows: tuple[StripeLayout, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not _is_power_of_two(self.chunk_sectors):
+            raise LayoutError(f"raid6: chunk size {self.chunk_sectors} is not a power of two")
+        if self.raid_disks < 3:
+            raise LayoutError(f"raid6: need at least 3 members, got {self.raid_disks}")
+        n = self.raid_disks
+        alg = Raid6Algorithm(self.algorithm)
+        if alg in _R6_FIXED:
+            period = 1
+        elif alg in _R6_ROTATE_N_MINUS_1:
+            period = n - 1
+        else:
+            period = n
+        rows = []
+        for s in range(period):
+            pd, qd, data = _raid6_placement(alg, n, s)
+            slots, syndrome_disks = _syndrome_slots(n, pd, qd, data, alg.is_ddf)
+            rows.append(StripeLayout(pd, qd, tuple(data), slots, syndrome_disks))
+        setattr_ = object.__setattr__  # frozen dataclass: derived fields are set once here
+        setattr_(self, "chunk_shift", self.chunk_sectors.bit_length() - 1)
+        setattr_(self, "chunk_mask", self.chunk_sectors - 1)
+        setattr_(self, "_rows", tuple(rows))
+
+    @classmethod
+    def from_superblock(cls, layout: int, raid_disks: int, chunk_sectors: int, size: int) -> Raid6Geometry:
+        """Geometry from ``sb.layout``, ``sb.raid_disks``, ``sb.chunksize`` and ``sb.size``,
+        validated as raid5.c ``setup_conf`` does (``algorithm_valid_raid6``) and sized as
+        ``raid5_size`` does for two parity members."""
+        try:
+            algorithm = Raid6Algorithm(layout)
+        except ValueError:
+            raise LayoutError(f"raid6: layout {layout} not supported (valid: 0..5, 8..10, 16..20)") from None
+        if chunk_sectors <= 0 or chunk_sectors % PAGE_SECTORS or not _is_power_of_two(chunk_sectors):
+            raise LayoutError(
+                f"raid6: invalid chunk size {chunk_sectors} sectors "
+                f"(must be a power of 2 and a multiple of {PAGE_SECTORS})"
+            )
+        # mdadm creates raid6 with 4 or more members; the kernel's arithmetic only needs a
+        # data member, so an array it would run is not refused here.
+        if raid_disks < 3:
+            raise LayoutError(f"raid6: need at least 3 members, got {raid_disks}")
+        if size < 0:
+            raise LayoutError(f"raid6: negative component size {size}")
+        dev_sectors = size & ~(chunk_sectors - 1)
+        return cls(
+            raid_disks=raid_disks,
+            chunk_sectors=chunk_sectors,
+            algorithm=algorithm,
+            dev_sectors=dev_sectors,
+            array_sectors=dev_sectors * (raid_disks - 2),
+        )
+
+    @property
+    def level(self) -> int:
+        return 6
+
+    @property
+    def data_disks(self) -> int:
+        return self.raid_disks - 2
+
+    def stripe(self, stripe: int) -> StripeLayout:
+        """Placement and syndrome order of stripe row ``stripe`` (member sectors
+        ``stripe * chunk_sectors ..``)."""
+        return self._rows[stripe % len(self._rows)]
+
+    def compute_sector(self, r: int) -> tuple[int, int, int, int]:
+        """Array sector -> ``(data role, P role, Q role, member sector)``
+        (``raid5_compute_sector``)."""
+        if not 0 <= r < self.array_sectors:
+            raise LayoutError(f"raid6: array sector {r} outside 0..{self.array_sectors}")
+        stripe, k = divmod(r >> self.chunk_shift, self.raid_disks - 2)
+        row = self._rows[stripe % len(self._rows)]
+        return row.data_roles[k], row.p_role, row.q_role, (stripe << self.chunk_shift) + (r & self.chunk_mask)
+
+    def compute_blocknr(self, member_sector: int, role: int) -> int | None:
+        """Member sector of ``role`` -> array sector (``raid5_compute_blocknr``); ``None``
+        when ``role`` holds P or Q of that stripe row."""
+        if not 0 <= role < self.raid_disks:
+            raise LayoutError(f"raid6: role {role} outside 0..{self.raid_disks - 1}")
+        if not 0 <= member_sector < self.dev_sectors:
+            raise LayoutError(f"raid6: member sector {member_sector} outside 0..{self.dev_sectors}")
+        stripe = member_sector >> self.chunk_shift
+        k = self._rows[stripe % len(self._rows)].data_index(role)
+        if k is None:
+            return None
+        chunk = stripe * (self.raid_disks - 2) + k
+        return (chunk << self.chunk_shift) + (member_sector & self.chunk_mask)
+
+    def bitmap_range(self, start: int, length: int) -> tuple[int, int]:
+        """Array range -> member range ``[mstart, mend)`` of whole stripe rows that the bitmap
+        must cover (``raid5_bitmap_sector``, LAYOUTS §5.5); as for raid5."""
+        if start < 0 or length < 0 or start + length > self.array_sectors:
+            raise LayoutError(
+                f"raid6: array range [{start}, {start + length}) outside 0..{self.array_sectors}"
+            )
+        width = self.chunk_sectors * (self.raid_disks - 2)
         first_row = start // width
         end_row = -(-(start + length) // width)
         return first_row << self.chunk_shift, end_row << self.chunk_shift

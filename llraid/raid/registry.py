@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from llraid.errors import AssemblyError
 from llraid.format.superblock import Superblock1
 from llraid.raid.base import Personality, RuntimePersonality
-from llraid.raid.layout import Raid5Geometry, Raid10Geometry
+from llraid.raid.layout import Raid5Geometry, Raid6Geometry, Raid10Geometry
 from llraid.raid.parity import Raid5Runtime
 from llraid.raid.raid1 import Raid1
 from llraid.raid.raid5 import Raid5
+from llraid.raid.raid6 import Raid6
 from llraid.raid.raid10 import Raid10
 
 LEVEL_NAMES = {
@@ -65,11 +66,16 @@ def _raid5_rw(sb: Superblock1) -> RuntimePersonality:
     return Raid5Runtime(_raid5_geo(sb))
 
 
+def _raid6(sb: Superblock1) -> Personality:
+    return Raid6(Raid6Geometry.from_superblock(sb.layout, sb.raid_disks, sb.chunksize, sb.size))
+
+
 LEVELS: dict[int, Level] = {
     1: Level(1, 2, True, _raid1, _raid1, ("mirror",)),
     10: Level(10, 2, True, _raid10, _raid10),
     4: Level(4, 3, True, _raid5, _raid5_rw),
     5: Level(5, 3, True, _raid5, _raid5_rw),
+    6: Level(6, 4, False, _raid6, None),  # read-only assembly so far
 }
 
 

@@ -487,7 +487,7 @@ def test_raid5_layout_names() -> None:
 @pytest.mark.parametrize(
     ("level", "layout", "disks", "chunk"),
     [
-        (6, 2, 5, CHUNK),  # raid6 not implemented
+        (6, 2, 5, CHUNK),  # raid6 is Raid6Geometry's
         (1, 0, 2, CHUNK),
         (10, 0x102, 4, CHUNK),
         (5, 6, 4, CHUNK),  # not a raid5 algorithm
