@@ -36,7 +36,7 @@ from llraid.format.superblock import (
 )
 from llraid.metadata import CreateError as CreateError
 from llraid.metadata import existing_signature
-from llraid.raid.layout import Raid10Geometry, parse_raid5_layout, parse_raid10_layout
+from llraid.raid.layout import Raid10Geometry, parse_raid5_layout, parse_raid6_layout, parse_raid10_layout
 from llraid.raid.registry import LEVELS, creatable_names, level_name
 
 DEFAULT_CHUNK_KIB = 512
@@ -93,6 +93,8 @@ def parse_layout(level: int, layout: str | None) -> int:
         return 0  # mdadm leaves raid4's layout 0; md ignores it (parity is always last)
     if level == 5:
         return parse_raid5_layout(layout or "left-symmetric")
+    if level == 6:
+        return parse_raid6_layout(layout or "left-symmetric")
     raise CreateError(f"creating {level_name(level)} is not supported ({creatable_names()} are)")
 
 

@@ -41,6 +41,7 @@ def members(tmp: Path, n: int, size: int = 32 << 20) -> list[str]:
         ("5", None, "lockless", 3),
         ("raid5", "right-symmetric", "internal", 4),
         ("4", None, "none", 3),
+        ("6", None, "lockless", 4),
     ],
 )
 def test_create_write_cat_sync(

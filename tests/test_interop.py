@@ -103,6 +103,8 @@ CASES = [
     (5, None, BitmapKind.LOCKLESS, 3),
     (5, "right-asymmetric", BitmapKind.CLASSIC, 4),
     (4, None, BitmapKind.NONE, 3),
+    (6, None, BitmapKind.LOCKLESS, 4),
+    (6, "right-asymmetric", BitmapKind.CLASSIC, 5),
 ]
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "Raid10Geometry",
     "StripeLayout",
     "parse_raid5_layout",
+    "parse_raid6_layout",
     "parse_raid10_layout",
     "raid1_array_sectors",
     "raid10_layout_text",
@@ -297,19 +298,22 @@ RAID5_LAYOUT_NAMES: dict[int, str] = {
 }
 
 
-_RAID5_LAYOUT_ALIASES = {"la": 0, "ra": 1, "ls": 2, "rs": 3, "default": 2}
+_LAYOUT_ALIASES = {"la": 0, "ra": 1, "ls": 2, "rs": 3, "default": 2}
+
+
+def _parse_layout_name(level: int, names: dict[int, str], name: str) -> int:
+    key = name.strip().lower()
+    for value, text in names.items():
+        if key == text.lower():
+            return value
+    if key in _LAYOUT_ALIASES:
+        return _LAYOUT_ALIASES[key]
+    raise LayoutError(f"unknown raid{level} layout {name!r} (known: {', '.join(names.values())})")
 
 
 def parse_raid5_layout(name: str) -> int:
     """mdadm's raid5 layout names (``left-symmetric``, ``ls``, ...) -> ``sb.layout``."""
-    key = name.strip().lower()
-    for value, text in RAID5_LAYOUT_NAMES.items():
-        if key == text:
-            return value
-    if key in _RAID5_LAYOUT_ALIASES:
-        return _RAID5_LAYOUT_ALIASES[key]
-    known = ", ".join(RAID5_LAYOUT_NAMES.values())
-    raise LayoutError(f"unknown raid5 layout {name!r} (known: {known})")
+    return _parse_layout_name(5, RAID5_LAYOUT_NAMES, name)
 
 
 # Plain ints for the hot path: comparing against IntEnum members is measurably slower.
@@ -522,6 +526,11 @@ RAID6_LAYOUT_NAMES: dict[int, str] = {
     19: "right-symmetric-6",
     20: "parity-first-6",
 }
+
+
+def parse_raid6_layout(name: str) -> int:
+    """mdadm's raid6 layout names (the raid5 ones, the ``-6`` and the DDF ones) -> ``sb.layout``."""
+    return _parse_layout_name(6, RAID6_LAYOUT_NAMES, name)
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ def xor_blocks(blocks: list[Block]) -> Block:
     return acc
 
 
-def _as_block(data: bytes | memoryview) -> Block:
+def as_block(data: bytes | memoryview) -> Block:
     return np.frombuffer(data, dtype=np.uint8)
 
 
@@ -159,7 +159,7 @@ class Raid5Runtime(Raid5):
                     f"role {role} is missing too"
                 )
             try:
-                blocks.append(_as_block(io.read_member(d, ms, n)))
+                blocks.append(as_block(io.read_member(d, ms, n)))
             except DeviceError as e:
                 io.fail(d, reason=str(e))
                 raise IOFailure(f"cannot rebuild role {missing}: {d.path} failed to read") from None
@@ -198,7 +198,7 @@ class Raid5Runtime(Raid5):
             for i, (lo, hi) in spans.items():
                 if lo <= a and b <= hi:
                     off = (row_start + i * chunk + a - start) * SECTOR
-                    new[i] = _as_block(data[off : off + (b - a) * SECTOR])
+                    new[i] = as_block(data[off : off + (b - a) * SECTOR])
             if new:
                 self._write_segment(io, self.row(stripe), base_ms + a, b - a, new, fua)
 
@@ -226,12 +226,12 @@ class Raid5Runtime(Raid5):
                 # reads: rmw the replaced blocks plus parity, rcw the blocks kept
                 use_rmw = len(new) + 1 < len(unwritten) and io.parity_known(ms)
             if use_rmw:
-                parity = _as_block(self._read(io, rm.parity, ms, n)).copy()
+                parity = as_block(self._read(io, rm.parity, ms, n)).copy()
                 for i, block in new.items():
-                    parity ^= _as_block(self._read(io, rm.data[i], ms, n))
+                    parity ^= as_block(self._read(io, rm.data[i], ms, n))
                     parity ^= block
             else:
-                kept = [_as_block(self._read(io, rm.data[i], ms, n)) for i in unwritten]
+                kept = [as_block(self._read(io, rm.data[i], ms, n)) for i in unwritten]
                 parity = xor_blocks([*new.values(), *kept])
         targets: list[tuple[int, Block]] = [(rm.data[i], b) for i, b in new.items()]
         if parity is not None:
@@ -280,10 +280,10 @@ class Raid5Runtime(Raid5):
         for r in rm.data:
             d = io.by_role(r)
             assert d is not None
-            blocks.append(_as_block(self._sync_read(sio, d, ms, n)))
+            blocks.append(as_block(self._sync_read(sio, d, ms, n)))
         pdev = io.by_role(rm.parity)
         assert pdev is not None
-        stored = _as_block(self._sync_read(sio, pdev, ms, n))
+        stored = as_block(self._sync_read(sio, pdev, ms, n))
         parity = xor_blocks(blocks)
         pages = (parity != stored).reshape(-1, PAGE_SECTORS * SECTOR).any(axis=1)
         bad = int(np.count_nonzero(pages))
@@ -329,5 +329,5 @@ class Raid5Runtime(Raid5):
                     f"no data to rebuild member sectors {msector}..{msector + count - 1}: "
                     f"role {role} is missing"
                 )
-            blocks.append(_as_block(self._sync_read(sio, d, msector, count)))
+            blocks.append(as_block(self._sync_read(sio, d, msector, count)))
         sio.write(target, msector, xor_blocks(blocks).tobytes())

@@ -14,6 +14,7 @@ from llraid.raid.parity import Raid5Runtime
 from llraid.raid.raid1 import Raid1
 from llraid.raid.raid5 import Raid5
 from llraid.raid.raid6 import Raid6
+from llraid.raid.raid6_rw import Raid6Runtime
 from llraid.raid.raid10 import Raid10
 
 LEVEL_NAMES = {
@@ -66,8 +67,16 @@ def _raid5_rw(sb: Superblock1) -> RuntimePersonality:
     return Raid5Runtime(_raid5_geo(sb))
 
 
+def _raid6_geo(sb: Superblock1) -> Raid6Geometry:
+    return Raid6Geometry.from_superblock(sb.layout, sb.raid_disks, sb.chunksize, sb.size)
+
+
 def _raid6(sb: Superblock1) -> Personality:
-    return Raid6(Raid6Geometry.from_superblock(sb.layout, sb.raid_disks, sb.chunksize, sb.size))
+    return Raid6(_raid6_geo(sb))
+
+
+def _raid6_rw(sb: Superblock1) -> RuntimePersonality:
+    return Raid6Runtime(_raid6_geo(sb))
 
 
 LEVELS: dict[int, Level] = {
@@ -75,7 +84,7 @@ LEVELS: dict[int, Level] = {
     10: Level(10, 2, True, _raid10, _raid10),
     4: Level(4, 3, True, _raid5, _raid5_rw),
     5: Level(5, 3, True, _raid5, _raid5_rw),
-    6: Level(6, 4, False, _raid6, None),  # read-only assembly so far
+    6: Level(6, 4, True, _raid6, _raid6_rw),
 }
 
 

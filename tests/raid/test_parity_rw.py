@@ -1,10 +1,9 @@
-"""raid4/5 read-write through the running array: kernel-made images take writes, crash
+"""raid4/5/6 read-write through the running array: kernel-made images take writes, crash
 resync, degraded writes and re-add, and parity stays consistent under concurrent writers."""
 
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import threading
 import time
@@ -17,35 +16,18 @@ from llraid.array import Array, Rdev, RdevState
 from llraid.bitmap.base import SyncKind
 from llraid.bitmap.lockless import LocklessBitmap
 from llraid.device import SECTOR
-from llraid.fixtures import Fixture, copy_sparse, fixtures_dir, load_fixtures
+from llraid.fixtures import Fixture, copy_sparse
 from llraid.format.llbitmap import LLState
 from llraid.sync import run_sync, sync_until_idle
-from tests.conftest import BY_NAME
+from tests.conftest import BY_NAME, PARITY_BY_NAME
 
 
-def _parity_root() -> Path:
-    env = os.environ.get("LLRAID_FIXTURES_PARITY")
-    return Path(env) if env else fixtures_dir().parent / "fixtures-parity"
+def _copies(name: str, unpacked: Callable[[str], list[Path]], tmp: Path) -> list[str]:
+    return [str(copy_sparse(p, tmp / p.name)) for p in unpacked(name)]
 
 
-PARITY = {f.name: f for f in load_fixtures(_parity_root())}
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Fixture], list[Path]]:
-    root = tmp_path_factory.mktemp("parity")
-    cache: dict[str, list[Path]] = {}
-
-    def get(fx: Fixture) -> list[Path]:
-        if fx.name not in cache:
-            cache[fx.name] = fx.unpack(root / fx.name)
-        return cache[fx.name]
-
-    return get
-
-
-def _copies(fx: Fixture, images: Callable[[Fixture], list[Path]], tmp: Path) -> list[str]:
-    return [str(copy_sparse(p, tmp / p.name)) for p in images(fx)]
+def _fixture(name: str) -> Fixture:
+    return BY_NAME[name] if name in BY_NAME else PARITY_BY_NAME[name]
 
 
 def _random_writes(a: Array, expected: bytearray, rng: random.Random, count: int) -> None:
@@ -65,10 +47,10 @@ def _states(a: Array) -> dict[LLState, int]:
 
 
 def test_h_takes_writes_and_parity_stays_consistent(
-    images: Callable[[Fixture], list[Path]], tmp_path: Path
+    unpacked: Callable[[str], list[Path]], tmp_path: Path
 ) -> None:
-    fx = BY_NAME["h-raid5-llbitmap"]
-    paths = _copies(fx, images, tmp_path)
+    fx = _fixture("h-raid5-llbitmap")
+    paths = _copies(fx.name, unpacked, tmp_path)
     expected = bytearray(fx.expected_content())
     with Array.assemble(paths) as a:
         assert a.read(0, a.array_sectors) == bytes(expected)
@@ -80,10 +62,10 @@ def test_h_takes_writes_and_parity_stays_consistent(
 
 
 def test_h_degraded_writes_then_re_add_recovers_only_what_changed(
-    images: Callable[[Fixture], list[Path]], tmp_path: Path
+    unpacked: Callable[[str], list[Path]], tmp_path: Path
 ) -> None:
-    fx = BY_NAME["h-raid5-llbitmap"]
-    paths = _copies(fx, images, tmp_path)
+    fx = _fixture("h-raid5-llbitmap")
+    paths = _copies(fx.name, unpacked, tmp_path)
     expected = bytearray(fx.expected_content())
     with Array.assemble(paths) as a:
         sync_until_idle(a)
@@ -111,10 +93,10 @@ def test_h_degraded_writes_then_re_add_recovers_only_what_changed(
 
 
 def test_k_crash_resyncs_exactly_the_marked_chunks(
-    images: Callable[[Fixture], list[Path]], tmp_path: Path
+    unpacked: Callable[[str], list[Path]], tmp_path: Path
 ) -> None:
-    fx = PARITY["k-raid5-llbitmap-crash"]
-    paths = _copies(fx, images, tmp_path)
+    fx = _fixture("k-raid5-llbitmap-crash")
+    paths = _copies(fx.name, unpacked, tmp_path)
     with Array.assemble(paths) as a:
         states = _states(a)
         assert states == {LLState.NEED_SYNC: 992}  # as the kernel's own reassembly found
@@ -127,10 +109,10 @@ def test_k_crash_resyncs_exactly_the_marked_chunks(
 
 
 def test_l_stale_member_re_add_recovers_only_the_degraded_writes(
-    images: Callable[[Fixture], list[Path]], tmp_path: Path
+    unpacked: Callable[[str], list[Path]], tmp_path: Path
 ) -> None:
-    fx = PARITY["l-raid5-llbitmap-degraded-stale-member"]
-    paths = _copies(fx, images, tmp_path)
+    fx = _fixture("l-raid5-llbitmap-degraded-stale-member")
+    paths = _copies(fx.name, unpacked, tmp_path)
     stale = paths[fx.entry["failed_member"]]
     with Array.assemble(paths, run=True) as a:  # the stale member is kicked
         assert a.is_degraded()
@@ -146,12 +128,12 @@ def test_l_stale_member_re_add_recovers_only_the_degraded_writes(
 
 
 def test_concurrent_writers_sharing_stripes_keep_parity(
-    images: Callable[[Fixture], list[Path]], tmp_path: Path
+    unpacked: Callable[[str], list[Path]], tmp_path: Path
 ) -> None:
     """15 threads write interleaved 4 KiB blocks of the same stripe rows (read-modify-write and
     reconstruct-write racing on one parity block) while the bitmap daemon runs."""
-    fx = BY_NAME["h-raid5-llbitmap"]
-    paths = _copies(fx, images, tmp_path)
+    fx = _fixture("h-raid5-llbitmap")
+    paths = _copies(fx.name, unpacked, tmp_path)
     expected = bytearray(fx.expected_content())
     # 15 threads: the blocks at the same member sectors of one row (128 blocks apart) belong to
     # different threads, so their parity updates race.
@@ -187,3 +169,38 @@ def test_concurrent_writers_sharing_stripes_keep_parity(
         assert not errors
         assert a.read(0, a.array_sectors) == bytes(expected)
         assert run_sync(a, SyncKind.CHECK).mismatches == 0
+
+
+@pytest.mark.parametrize("name", ["j1-raid6-llbitmap", "j2-raid6-internal-bitmap"])
+def test_raid6_fixtures_take_writes_lose_two_members_and_get_them_back(
+    name: str, unpacked: Callable[[str], list[Path]], tmp_path: Path
+) -> None:
+    fx = _fixture(name)
+    paths = _copies(fx.name, unpacked, tmp_path)
+    expected = bytearray(fx.expected_content())
+    rng = random.Random(6)
+    with Array.assemble(paths) as a:
+        assert a.read(0, a.array_sectors) == bytes(expected)
+        _random_writes(a, expected, rng, 80)
+        assert a.read(0, a.array_sectors) == bytes(expected)
+        assert run_sync(a, SyncKind.CHECK).mismatches == 0
+        sync_until_idle(a)
+        a.bitmap.flush()
+        for role in (1, 3):  # any two: data, P and Q rotate over every member
+            a.fail(role)
+            a.remove(role)
+        _random_writes(a, expected, rng, 30)  # doubly degraded: both lost blocks rebuilt from P+Q
+        assert a.read(0, a.array_sectors) == bytes(expected)
+        for p in (paths[1], paths[3]):
+            a.re_add(p)
+        stats = sync_until_idle(a)
+        assert [s.kind for s in stats] == ["recovery"]
+        if isinstance(a.bitmap, LocklessBitmap):  # only the rows written while they were away
+            assert stats[0].sectors_synced < a.dev_sectors
+        assert all(d.state is RdevState.IN_SYNC for d in a.rdevs)
+        assert run_sync(a, SyncKind.CHECK).mismatches == 0
+        assert a.read(0, a.array_sectors) == bytes(expected)
+    for lost in ((0, 1), (2, 3)):
+        rest = [p for i, p in enumerate(paths) if i not in lost]
+        with Array.assemble(rest, run=True, readonly=True) as a:
+            assert a.read(0, a.array_sectors) == bytes(expected)
