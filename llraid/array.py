@@ -462,6 +462,19 @@ class Array:
             self.update_sb()
             return True
 
+    def proactive_sync(self) -> None:
+        """raid456 with llbitmap: build the parity of every never-written chunk now (md's
+        ``llbitmap/proactive_sync``), so that first writes later need no lazy build."""
+        if self.level not in (4, 5, 6):
+            raise LlraidError(f"proactive sync builds parity: raid4/5/6 only, not raid{self.level}")
+        if self.readonly:
+            raise LlraidError("the array is read-only")
+        if not self.bitmap.proactive_sync():
+            raise LlraidError(
+                "proactive sync needs the lockless bitmap (other bitmaps have no Unwritten chunks)"
+            )
+        self.request_sync()
+
     def set_resync_checkpoint(self, sector: int) -> None:
         """A resync got this far: record it (md's recovery_cp), bitmap and superblocks."""
         with self._sb_lock:

@@ -137,6 +137,11 @@ class Bitmap(ABC):
     def start_recovery(self) -> None:
         """A recovery of a member that is not guided by the bitmap (a new member) starts."""
 
+    def proactive_sync(self) -> bool:
+        """raid456: mark every never-written chunk for a parity build now (False: this bitmap
+        keeps no such chunks)."""
+        return False
+
     def covers_since(self, events: int) -> bool:
         """True if every write since the array's event count was ``events`` is recorded here,
         so a member that left at that count needs only what the bitmap marks (re-add)."""

@@ -741,10 +741,11 @@ class LocklessBitmap(Bitmap):
         p = offset >> self.chunkshift
         return p < self.chunks and self.area[DATA_OFFSET + p] in (_C, _D, _CU)
 
-    def proactive_sync(self) -> None:
+    def proactive_sync(self) -> bool:
         if self.host.level not in (4, 5, 6):
             raise ValueError("proactive_sync is only for raid4/5/6")
         self._apply(0, self.chunks - 1, Action.PROACTIVE_SYNC)
+        return True
 
     # ---- superblock and views ----------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from llraid.bitmap.base import SyncKind
 from llraid.bitmap.lockless import LocklessBitmap
 from llraid.create import CreateSpec, create, parse_layout
 from llraid.device import SECTOR
+from llraid.errors import LlraidError
 from llraid.format.bitmap import BitmapKind
 from llraid.format.llbitmap import LLState
 from llraid.format.superblock import MAX_SECTOR, ROLE_SPARE
@@ -256,3 +257,30 @@ def test_raid6_writes_in_every_layout_read_back_with_any_two_members_lost(
         rest = [p for i, p in enumerate(paths) if i not in lost]
         with Array.assemble(rest, run=True, readonly=True) as a:
             assert a.read(0, a.array_sectors) == bytes(expected), lost
+
+
+def test_proactive_sync_builds_parity_of_every_unwritten_chunk(tmp_path: Path) -> None:
+    """Unwritten -> NeedSyncUnwritten -> (sync) CleanUnwritten: parity is valid everywhere
+    although nothing was written, so a later first write may read-modify-write."""
+    paths = _members(tmp_path, 3, garbage=True)
+    _create(paths, BitmapKind.LOCKLESS)
+    with Array.assemble(paths) as a:
+        sync_until_idle(a)
+        assert not a.parity_known(0)
+        a.proactive_sync()
+        assert _states(a) == {LLState.NEED_SYNC_UNWRITTEN: a.bitmap.chunks}  # type: ignore[attr-defined]
+        (stats,) = sync_until_idle(a)
+        assert stats.kind == "resync" and stats.sectors_synced == a.dev_sectors
+        assert _states(a) == {LLState.CLEAN_UNWRITTEN: a.bitmap.chunks}  # type: ignore[attr-defined]
+        assert _consistent(a, 0, a.dev_sectors)
+        assert a.parity_known(0)
+        a.write(0, b"\x01" * SECTOR)
+        assert _states(a)[LLState.DIRTY] >= 1 and LLState.NEED_SYNC not in _states(a)
+        assert _consistent(a, 0, CHUNK)
+
+
+def test_proactive_sync_is_refused_where_it_means_nothing(tmp_path: Path) -> None:
+    paths = _members(tmp_path, 3)
+    _create(paths, BitmapKind.CLASSIC, assume_clean=True)
+    with Array.assemble(paths) as a, pytest.raises(LlraidError, match="lockless"):
+        a.proactive_sync()
