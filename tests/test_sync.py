@@ -468,6 +468,34 @@ def test_stale_bitmap_resyncs_every_written_chunk(mdir: Path, geo: Geo) -> None:
         assert needed_sync(array) is None
 
 
+def test_stale_bitmap_does_not_infect_unwritten_neighbours(mdir: Path) -> None:
+    """Two Clean chunks in one block, the rest Unwritten: a stale load makes exactly those two
+    NeedSync. (Upstream's Stale store infects the block on the second chunk: 510 Unwritten
+    chunks would become NeedSync and be resynced.)"""
+    paths = new_array(mdir, RAID1_2, LOCKLESS)
+    cs = 128
+    with assemble(paths) as array:
+        array.write(0, blob(0, 4096))
+        clean_bitmap(array)  # chunk 0 Clean before chunk 2 is written: no infection
+        array.write(2 * cs, blob(1, 4096))
+        clean_bitmap(array)
+        assert chunks_in(array, LLState.CLEAN) == {0, 2}
+    for p in paths:
+        sb = read_sb(p)
+        with open(p, "r+b") as f:
+            os.pwrite(
+                f.fileno(),
+                struct.pack("<Q", sb.events - 2),
+                (sb.super_offset + sb.bitmap_offset) * SECTOR + 24,
+            )
+    with assemble(paths) as array:
+        assert chunks_in(array, LLState.NEED_SYNC) == {0, 2}
+        assert chunks_in(array, LLState.UNWRITTEN) == set(range(llbitmap(array).chunks)) - {0, 2}
+        stats = run_sync(array)
+        assert stats.completed and stats.sectors_synced == 2 * cs
+        assert chunks_in(array, LLState.DIRTY) == {0, 2}
+
+
 # ---- check and repair ------------------------------------------------------------------------------
 
 
