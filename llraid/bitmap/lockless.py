@@ -716,6 +716,31 @@ class LocklessBitmap(Bitmap):
         state = self._apply(p, p, Action.STARTSYNC)
         return state in (_S, _SU), blocks
 
+    def mark_need_sync(self, chunks: Iterable[int]) -> int:
+        """Force chunks still Unwritten to NeedSync, durably; returns how many were marked.
+
+        Not an upstream action: llraid's Unwritten audit uses it for chunks that hold data
+        although marked Unwritten (the kernel's discard bug), so the resync makes their copies
+        agree and recoveries copy them from then on. Written to every member before returning,
+        so a crash before the resync still resyncs them."""
+        if self.write_error:
+            return 0
+        marked = 0
+        with self._lock:
+            degraded = self.host.is_degraded()
+            for c in chunks:
+                pos = DATA_OFFSET + c
+                if c >= self.chunks or self.area[pos] not in (_U, _CU):
+                    continue  # written meanwhile: its own write intent covers it
+                self._gen[pos >> self._block_shift] += 1
+                self.area[pos] = _NS
+                self._mark_block(pos, infect=False, raid456=False)
+                marked += 1
+        self.unplug()
+        if marked and not degraded:
+            self.host.request_sync()
+        return marked
+
     def start_recovery(self) -> None:
         """Before a real recovery: the new member has no parity for *Unwritten chunks."""
         self._apply(0, self.chunks - 1, Action.CLEAR_UNWRITTEN)
