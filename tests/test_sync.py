@@ -621,6 +621,32 @@ def test_resync_of_an_idle_array_resumes_after_a_crash(mdir: Path) -> None:
         assert array.resync_cp == cp
 
 
+@pytest.mark.parametrize("geo", [RAID1_2, R10_N2], ids=str)
+def test_interrupted_bitmap_resync_keeps_the_chunks_it_finished(mdir: Path, geo: Geo) -> None:
+    """As md: an interrupted pass aborts the chunk it was in and ends the sync of the ones it
+    finished, so after a clean stop the next pass syncs only the rest (before: every chunk the
+    pass had started stayed Syncing, went back to NeedSync at the next assembly, and was synced
+    again)."""
+    paths = new_array(mdir, geo, LOCKLESS)
+    array = assemble(paths)
+    array.write(0, blob("w", 8 * MiB))
+    array.crash()
+    array = assemble(paths)
+    need = chunks_in(array, LLState.NEED_SYNC)
+    stop, progress = interrupt_at(0.1)
+    first = run_sync(array, stop=stop, progress=progress)
+    assert not first.completed and first.stopped_at is not None
+    done = first.sectors_synced // llbitmap(array).chunksize
+    assert 0 < done < len(need)
+    assert not chunks_in(array, LLState.SYNCING)
+    assert len(chunks_in(array, LLState.NEED_SYNC)) == len(need) - done
+    array.stop()
+    with assemble(paths) as array:
+        assert len(chunks_in(array, LLState.NEED_SYNC)) == len(need) - done
+        (rest,) = sync_until_idle(array)
+        assert rest.completed and first.sectors_synced + rest.sectors_synced == sync_sectors_of(array, need)
+
+
 def test_resync_restarts_from_zero_after_a_crash_with_writes(mdir: Path) -> None:
     """Written during the resync (active, not clean): the superblocks say 0, md starts over."""
     paths = member_files(mdir, 2)
