@@ -24,12 +24,18 @@ is rewritten (md's fix_read_error); if that rewrite fails too the member is mark
 
 Safe mode: after ``safe_mode_delay`` seconds without writes the array is marked clean again
 (superblocks say "clean"), exactly as md does, so an idle array survives a crash without resync.
+
+Every change md logs is logged on ``llraid.array`` (see :mod:`llraid.logs`): the assembly and
+what it found (members kicked as non-fresh, a degraded start, an unclean shutdown, a stale
+bitmap, chunks waiting for a sync), member failures, corrected read errors, members added,
+re-added, replaced and removed, and the clean stop.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -42,7 +48,8 @@ from llraid.bitmap.lockless import LocklessBitmap
 from llraid.bitmap.store import BitmapStore, BitmapTarget
 from llraid.device import SECTOR, path_identity
 from llraid.errors import AssemblyError, DeviceError, IOFailure, LlraidError
-from llraid.format.bitmap import BitmapKind, BitmapSuper
+from llraid.format.bitmap import BitmapFlag, BitmapKind, BitmapSuper
+from llraid.format.llbitmap import LLState
 from llraid.format.superblock import (
     MAX_SECTOR,
     ROLE_FAULTY,
@@ -60,6 +67,8 @@ from llraid.raid.registry import runtime_personality
 from llraid.rdev import Rdev, RdevState
 
 __all__ = ["BUCKET_SIZE", "Array", "ArrayCounters", "IOFailure", "Rdev", "RdevState"]
+
+log = logging.getLogger("llraid.array")
 
 SAFE_MODE_DELAY = 0.2  # md's default: mark clean 200 ms after the last write
 
@@ -102,6 +111,8 @@ class Array:
         self._replacements: dict[int, Rdev] = {}  # role -> the member being built to replace it
         self._pending_sb = False  # members failed whose failure the superblocks do not show yet
         self._store: BitmapStore | None = None
+        self._bitmap_was_stale = False  # found at assembly: the bitmap's events were behind
+        self._dirty_at_load = 0  # llbitmap chunks Dirty/Syncing on disk at assembly
         self._rebuild_role_map()
 
     # ---- assembly ------------------------------------------------------------------------------
@@ -173,10 +184,56 @@ class Array:
                 f"roles {missing} missing{kicked}); use --run to start it anyway"
             )
         array._open_bitmap(force=force)
+        array._log_assembly(asm.stale, asm.faulty, missing)
         if not readonly:
             array.catch_up()
             array._settle()  # spares that took a free slot: the superblocks say so
         return array
+
+    def _log_assembly(self, stale: list[Member], faulty: list[Member], missing: list[int]) -> None:
+        tag = self.tag
+        for m in stale:
+            log.warning(
+                "%s: kicking non-fresh %s from the array (events %d < %d)",
+                tag, m.path, m.sb.events, self.events,
+            )  # fmt: skip
+        for m in faulty:
+            log.warning("%s: not using %s: the array marks it faulty", tag, m.path)
+        live = [d for d in self.rdevs if d.state in (RdevState.IN_SYNC, RdevState.RECOVERING)]
+        log.info(
+            "%s: assembled%s from %d of %d members (events %d, %s bitmap)",
+            tag, " read-only" if self.readonly else "", len(live), self.raid_disks, self.events,
+            self.bitmap.kind.value,
+        )  # fmt: skip
+        if missing:
+            roles = ", ".join(str(r) for r in missing)
+            log.warning("%s: started degraded: no member for role %s", tag, roles)
+        for d in self.rdevs:
+            if d.state is RdevState.RECOVERING:
+                what = f"replacement for role {d.role}" if d.replaces is not None else f"role {d.role}"
+                log.info(
+                    "%s: %s (%s) is being recovered from sector %d", tag, d.path, what, d.recovery_offset
+                )
+        why = []
+        if self.resync_cp == 0:
+            why.append("superblocks say active: unclean shutdown, or never synced")
+        elif self.resync_cp != MAX_SECTOR:
+            why.append(f"resync interrupted at sector {self.resync_cp}")
+        if self._dirty_at_load:
+            why.append(f"{self._dirty_at_load} chunks dirty in the bitmap: unclean shutdown")
+        if why:
+            then = (
+                "resync needed (waits: read-only)" if self.readonly
+                else "resync needed (waits for a recovery: degraded)" if missing
+                else "resync needed"
+            )  # fmt: skip
+            log.warning("%s: not clean (%s) -- %s", tag, "; ".join(why), then)
+        if self._bitmap_was_stale:
+            log.warning("%s: bitmap is out of date -- every written chunk will be resynced", tag)
+        if isinstance(self.bitmap, LocklessBitmap):
+            need = self.bitmap.counts().get(LLState.NEED_SYNC, 0)
+            if need:
+                log.info("%s: llbitmap: %d chunks need sync", tag, need)
 
     def _open_bitmap(self, *, force: bool) -> None:
         ref = self.sb
@@ -190,6 +247,7 @@ class Array:
         if not store.targets:
             raise AssemblyError("no member left to read the bitmap from")
         bsb = BitmapSuper.parse(store.read(0, 256))
+        self._bitmap_was_stale = bsb.events < self.events and not bsb.state & BitmapFlag.FIRST_USE
         sync_size = self.sync_sectors
         room = self._bitmap_room()
         if bsb.kind is BitmapKind.LOCKLESS:
@@ -202,6 +260,10 @@ class Array:
                 store, self, array_uuid=ref.set_uuid, sync_size=sync_size, events=self.events,
                 resync_offset=self.resync_cp, room=room,
             )  # fmt: skip
+        if isinstance(self.bitmap, LocklessBitmap):
+            # Dirty/Syncing on disk = written when the array stopped without a clean stop
+            c = self.bitmap.counts()
+            self._dirty_at_load = c.get(LLState.DIRTY, 0) + c.get(LLState.SYNCING, 0)
         self.bitmap.load()
 
     def _bitmap_room(self) -> int:
@@ -248,6 +310,11 @@ class Array:
     @property
     def uuid(self) -> str:
         return format_uuid(self.sb.set_uuid)
+
+    @property
+    def tag(self) -> str:
+        """How log messages name the array (md: "md/raid10:md0")."""
+        return f"raid{self.level} {self.sb.set_name or self.uuid}"
 
     @property
     def array_sectors(self) -> int:
@@ -362,6 +429,10 @@ class Array:
             self.write_member(d, msector, good)
             d.corrected_reads += 1
             self.counters.read_errors_corrected += 1
+            log.warning(
+                "%s: read error corrected (%d sectors at %d on %s)",
+                self.tag, len(good) // SECTOR, msector, d.path,
+            )  # fmt: skip
         except DeviceError as e:
             with contextlib.suppress(IOFailure):  # refused: it holds the last copy of other data
                 self.fail(d, reason=str(e))
@@ -624,7 +695,11 @@ class Array:
             try:
                 self.personality.check_roles(left)
             except AssemblyError:
+                log.error(
+                    "%s: %s failed (%s) but holds the last copy of some data: kept", self.tag, d.path, reason
+                )
                 return False
+        was_in_sync = d.state is RdevState.IN_SYNC
         d.state = RdevState.FAULTY
         if d.target is not None:
             d.target.failed = True
@@ -632,6 +707,12 @@ class Array:
         self._rebuild_role_map()
         self._refresh_bitmap_targets()
         self._pending_sb = True
+        log.error(
+            "%s: disk failure on %s (%s), disabling device; operation continuing on %d of %d members",
+            self.tag, d.path, reason, len({r.role for r in self.active()}), self.raid_disks,
+        )  # fmt: skip
+        if not was_in_sync:
+            log.warning("%s: %s was not in sync: its recovery stops", self.tag, d.path)
         return True
 
     def _settle(self) -> None:
@@ -652,6 +733,7 @@ class Array:
                 if old.target is not None:
                     old.target.failed = True
                 self.fault_log.append((old.path, f"replaced by {d.path}"))
+                log.info("%s: %s replaced by %s: marked faulty", self.tag, old.path, d.path)
             self._rebuild_role_map()
             self._refresh_bitmap_targets()
             self.bitmap.close_sync()
@@ -675,6 +757,7 @@ class Array:
             self._rebuild_role_map()
             self._refresh_bitmap_targets()
             self.update_sb()
+            log.info("%s: replacing %s (role %d) with %s", self.tag, old.path, old.role, d.path)
             return d
 
     def _activate_spares(self) -> None:
@@ -685,6 +768,7 @@ class Array:
                 if not free:
                     return
                 d.role, d.state, d.recovery_offset, d.bitmap_sync = free[0], RdevState.RECOVERING, 0, False
+                log.info("%s: spare %s takes role %d; a full recovery follows", self.tag, d.path, d.role)
                 self._rebuild_role_map()
                 self._refresh_bitmap_targets()
                 self._pending_sb = True
@@ -699,6 +783,7 @@ class Array:
             d.device.close()
             self._refresh_bitmap_targets()
             self.update_sb()
+            log.info("%s: removed %s", self.tag, d.path)
 
     def re_add(self, path: str) -> Rdev:
         """Bring back a member that left this array: with a bitmap, recover only what it missed."""
@@ -737,6 +822,11 @@ class Array:
             self._rebuild_role_map()
             self._refresh_bitmap_targets()
             self.update_sb()
+            log.info(
+                "%s: re-added %s as role %d (events %d): %s",
+                self.tag, path, role, m.sb.events,
+                "bitmap-based recovery of what it missed" if bitmap_sync else "full recovery",
+            )  # fmt: skip
             return d
 
     def add_spare(self, path: str, *, force: bool = False) -> Rdev:
@@ -774,6 +864,10 @@ class Array:
             self._rebuild_role_map()
             self._refresh_bitmap_targets()
             self.update_sb()
+            if free:
+                log.info("%s: added %s into role %d; a full recovery follows", self.tag, path, free[0])
+            else:
+                log.info("%s: added %s as a spare", self.tag, path)
             return d
 
     # ---- shutdown --------------------------------------------------------------------------------------
@@ -790,6 +884,7 @@ class Array:
                 self._in_sync = True
                 self.update_sb()
         self._close_devices()
+        log.info("%s: stopped%s", self.tag, "" if self.readonly else " (clean)")
 
     def crash(self) -> None:
         """Drop everything without a clean stop (tests: what a power cut or kill -9 leaves)."""

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import socket
 import sys
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
+from llraid import logs
 from llraid.assemble import Assembly, assemble, check_member
 from llraid.errors import LlraidError
 from llraid.examine import examine_bitmap, examine_bitmap_text, examine_json, examine_text
@@ -209,7 +212,7 @@ def cmd_write(args: argparse.Namespace) -> int:
 def cmd_sync(args: argparse.Namespace) -> int:
     from llraid.array import Array
     from llraid.bitmap.base import SyncKind
-    from llraid.sync import run_sync, sync_until_idle
+    from llraid.sync import SyncStats, run_sync, sync_until_idle
 
     if (
         len(args.devices) == 1
@@ -217,14 +220,25 @@ def cmd_sync(args: argparse.Namespace) -> int:
         and not os.path.exists(args.devices[0])
     ):
         # `llraid sync check|repair|idle`: act on the running array, like md's sync_action
-        print(_control(args, "sync", [args.devices[0]]))
+        print(_control(args, "sync", [args.devices[0]] + (["--unwritten"] if args.unwritten else [])))
         return 0
+    if args.unwritten and args.mode == "resync":
+        raise LlraidError("--unwritten audits with --mode check or --mode repair")
     array = Array.assemble(args.devices, run=args.run, force=args.force)
+    stop = threading.Event()
+    passes: list[SyncStats] = []
+
+    def work(progress: Callable[[str, int, int], None] | None) -> None:
+        kw: dict[str, Any] = {"speed_limit": args.speed_limit or None, "stop": stop, "progress": progress}
+        passes.extend(sync_until_idle(array, **kw))
+        if args.mode in ("check", "repair") and all(p.completed for p in passes):
+            passes.append(run_sync(array, SyncKind(args.mode), unwritten=args.unwritten, **kw))
+            if args.unwritten and passes[-1].completed:
+                passes.extend(sync_until_idle(array, **kw))  # the resync of what repair marked
+
     try:
-        limit = args.speed_limit or None
-        passes = sync_until_idle(array, speed_limit=limit)
-        if args.mode in ("check", "repair"):
-            passes.append(run_sync(array, SyncKind(args.mode), speed_limit=limit))
+        with _signals_stop(stop) as caught, _sync_progress(not args.json and sys.stderr.isatty()) as progress:
+            _in_worker(functools.partial(work, progress))
     except BaseException:
         array.stop()
         raise
@@ -236,17 +250,98 @@ def cmd_sync(args: argparse.Namespace) -> int:
             print("llraid: nothing to sync")
         for st in passes:
             print(_sync_summary(st.as_dict()))
+    if caught:
+        return 128 + caught[0]  # stopped by Ctrl-C (130) or SIGTERM, checkpoint recorded
     return 0 if all(p.completed for p in passes) else EXIT_ERROR
 
 
+def _in_worker(work: Callable[[], None]) -> None:
+    """Run ``work`` in a thread while this (main) thread only waits for it: the signal handlers
+    of :func:`_signals_stop` then never interrupt code holding the locks they take."""
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as e:
+            failed.append(e)
+
+    t = threading.Thread(target=run, name="llraid-sync")
+    t.start()
+    while t.is_alive():
+        t.join(0.2)
+    if failed:
+        raise failed[0]
+
+
+@contextlib.contextmanager
+def _signals_stop(stop: threading.Event) -> Iterator[list[int]]:
+    """SIGINT / SIGTERM set ``stop`` (the sync ends cleanly and records its checkpoint) instead
+    of raising in the middle of a window; yields the signals caught. The handler runs in the
+    main thread, which must not be inside ``stop``'s own lock then (see :func:`_in_worker`)."""
+    import signal
+
+    caught: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        caught.append(signum)
+        stop.set()
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+@contextlib.contextmanager
+def _sync_progress(show: bool) -> Iterator[Callable[[str, int, int], None] | None]:
+    """A live bar per sync pass on stderr (rich, as ``llraid bench``), or None when not shown."""
+    if not show:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    tasks: dict[str, TaskID] = {}
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.completed:.0f}/{task.total:.0f} sectors"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    ) as p:
+
+        def update(kind: str, done: int, total: int) -> None:
+            if kind not in tasks:
+                tasks[kind] = p.add_task(kind, total=total)
+            p.update(tasks[kind], completed=done, total=total)
+
+        yield update
+
+
 def _sync_summary(d: dict[str, Any]) -> str:
+    audit = d.get("unwritten_audit")
+    stopped = "" if d["completed"] else f" at sector {d['stopped_at_sector']} of {d['end_sector']}"
     lines = [
-        f"{d['kind']}: {'done' if d['completed'] else 'interrupted'}"
+        f"{d['kind']}{' of Unwritten chunks' if audit else ''}: {'done' if d['completed'] else 'interrupted'}"
+        + stopped
         + (f" ({d['member']})" if d["member"] else "")
         + f", {d['windows_synced']} windows synced, {d['windows_skipped']} skipped, {d['seconds']} s"
     ]
     if d["kind"] in ("check", "repair"):
         lines.append(f"  mismatch_cnt {d['mismatch_cnt']}, repaired sectors {d['repaired_sectors']}")
+    if audit:
+        lines.append(
+            f"  {audit['chunks_audited']} Unwritten chunks audited, {audit['chunks_with_data']} hold data"
+            + (f", {audit['marked_need_sync']} marked NeedSync" if audit["marked_need_sync"] else "")
+        )
+        for c in audit["chunks"]:
+            what = "data differing between copies" if c["copies_differ"] else "data"
+            lines.append(f"  chunk {c['chunk']}: array bytes {c['offset']}+{c['bytes']} hold {what}")
     for path in sorted(set(d["bytes_read"]) | set(d["bytes_written"])):
         lines.append(
             f"  {path}: read {d['bytes_read'].get(path, 0)} bytes, written {d['bytes_written'].get(path, 0)}"
@@ -256,17 +351,26 @@ def _sync_summary(d: dict[str, Any]) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
     from llraid.array import Array
     from llraid.export.service import Service
 
-    logging.basicConfig(level=logging.INFO, format="llraid: %(message)s")
+    # What happens before the service is up (assembly) is told only if it comes up: a serve
+    # that fails says why in one error line.
     listen = _hostport(args.listen) if args.listen else None
-    array = Array.assemble(args.devices, run=args.run, force=args.force, readonly=args.readonly)
-    service = Service(array, socket_path=args.socket, listen=listen, readonly=args.readonly, name=args.name)
+    held = logs.setup()
+    held.hold()
+    try:
+        array = Array.assemble(args.devices, run=args.run, force=args.force, readonly=args.readonly)
+        service = Service(
+            array, socket_path=args.socket, listen=listen, readonly=args.readonly, name=args.name
+        )
+    except BaseException:
+        held.drop()
+        raise
 
     def ready(s: Service) -> None:
+        held.replay()
         print(
             f"llraid: serving {array.uuid} (raid{array.level}, {array.array_bytes} bytes) at {s.uri}",
             flush=True,
@@ -276,8 +380,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         asyncio.run(service.run(on_ready=ready))
     except BaseException:
-        if not array._closed:
-            array.stop()
+        try:
+            if not array._closed:
+                array.stop()
+        finally:
+            held.drop()  # (a no-op once the service was up: its messages went out as they came)
         raise
     print("llraid: stopped cleanly", flush=True)
     return 0
@@ -356,6 +463,17 @@ def _detail_text(d: dict[str, Any]) -> str:
     ]
     if sync["action"] != "idle":
         lines.append(f"{sync['action'].capitalize() + ' Status':>16} : {sync['percent']}% complete")
+    lines.append(f"{'Mismatch Cnt':>16} : {d.get('mismatch_cnt', 0)}")
+    last = sync.get("last")
+    if last:
+        audit = last.get("unwritten_audit")
+        lines.append(
+            f"{'Last Sync':>16} : {last['kind']}{' of Unwritten chunks' if audit else ''} "
+            + ("done" if last["completed"] else f"interrupted at sector {last.get('stopped_at_sector')}")
+            + f", {last['sectors_synced']} sectors, read {sum(last['bytes_read'].values())} bytes,"
+            + f" wrote {sum(last['bytes_written'].values())} bytes, mismatch_cnt {last['mismatch_cnt']}"
+            + (f", {audit['chunks_with_data']} Unwritten chunks hold data" if audit else "")
+        )
     lines.append("")
     lines.append("    Role   State        Device")
     for m in d["members"]:
@@ -592,6 +710,11 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--mode", choices=["resync", "check", "repair"], default="resync")
     sy.add_argument("--speed-limit", type=_size, default=0, help="bytes per second (K/M suffixes)")
     sy.add_argument("--json", action="store_true")
+    sy.add_argument(
+        "--unwritten",
+        action="store_true",
+        help="with check/repair: audit the chunks marked Unwritten for data (repair marks them for resync)",
+    )
     sy.add_argument("--run", action="store_true", help="start even if degraded")
     sy.add_argument("--force", action="store_true", help="accept bad checksums")
     sy.set_defaults(func=cmd_sync)
@@ -675,6 +798,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logs.setup()
     try:
         rc: int = args.func(args)
         return rc

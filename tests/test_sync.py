@@ -468,6 +468,34 @@ def test_stale_bitmap_resyncs_every_written_chunk(mdir: Path, geo: Geo) -> None:
         assert needed_sync(array) is None
 
 
+def test_stale_bitmap_does_not_infect_unwritten_neighbours(mdir: Path) -> None:
+    """Two Clean chunks in one block, the rest Unwritten: a stale load makes exactly those two
+    NeedSync. (Upstream's Stale store infects the block on the second chunk: 510 Unwritten
+    chunks would become NeedSync and be resynced.)"""
+    paths = new_array(mdir, RAID1_2, LOCKLESS)
+    cs = 128
+    with assemble(paths) as array:
+        array.write(0, blob(0, 4096))
+        clean_bitmap(array)  # chunk 0 Clean before chunk 2 is written: no infection
+        array.write(2 * cs, blob(1, 4096))
+        clean_bitmap(array)
+        assert chunks_in(array, LLState.CLEAN) == {0, 2}
+    for p in paths:
+        sb = read_sb(p)
+        with open(p, "r+b") as f:
+            os.pwrite(
+                f.fileno(),
+                struct.pack("<Q", sb.events - 2),
+                (sb.super_offset + sb.bitmap_offset) * SECTOR + 24,
+            )
+    with assemble(paths) as array:
+        assert chunks_in(array, LLState.NEED_SYNC) == {0, 2}
+        assert chunks_in(array, LLState.UNWRITTEN) == set(range(llbitmap(array).chunks)) - {0, 2}
+        stats = run_sync(array)
+        assert stats.completed and stats.sectors_synced == 2 * cs
+        assert chunks_in(array, LLState.DIRTY) == {0, 2}
+
+
 # ---- check and repair ------------------------------------------------------------------------------
 
 
@@ -591,6 +619,32 @@ def test_resync_of_an_idle_array_resumes_after_a_crash(mdir: Path) -> None:
     array.crash()
     with assemble(paths) as array:
         assert array.resync_cp == cp
+
+
+@pytest.mark.parametrize("geo", [RAID1_2, R10_N2], ids=str)
+def test_interrupted_bitmap_resync_keeps_the_chunks_it_finished(mdir: Path, geo: Geo) -> None:
+    """As md: an interrupted pass aborts the chunk it was in and ends the sync of the ones it
+    finished, so after a clean stop the next pass syncs only the rest (before: every chunk the
+    pass had started stayed Syncing, went back to NeedSync at the next assembly, and was synced
+    again)."""
+    paths = new_array(mdir, geo, LOCKLESS)
+    array = assemble(paths)
+    array.write(0, blob("w", 8 * MiB))
+    array.crash()
+    array = assemble(paths)
+    need = chunks_in(array, LLState.NEED_SYNC)
+    stop, progress = interrupt_at(0.1)
+    first = run_sync(array, stop=stop, progress=progress)
+    assert not first.completed and first.stopped_at is not None
+    done = first.sectors_synced // llbitmap(array).chunksize
+    assert 0 < done < len(need)
+    assert not chunks_in(array, LLState.SYNCING)
+    assert len(chunks_in(array, LLState.NEED_SYNC)) == len(need) - done
+    array.stop()
+    with assemble(paths) as array:
+        assert len(chunks_in(array, LLState.NEED_SYNC)) == len(need) - done
+        (rest,) = sync_until_idle(array)
+        assert rest.completed and first.sectors_synced + rest.sectors_synced == sync_sectors_of(array, need)
 
 
 def test_resync_restarts_from_zero_after_a_crash_with_writes(mdir: Path) -> None:

@@ -25,9 +25,16 @@ Durability (the write-intent rule)
     then calls :meth:`unplug`, which writes every dirty block to every healthy member and returns
     only when they are durable. Other transitions (to Clean, Unwritten, Syncing) are written
     lazily, with the next write of their block or a full flush: losing them only costs a resync.
-    If two bytes of one block change while it is waiting to be written, or another chunk of the
-    block is already Dirty/NeedSync, the whole block is "infected" (Unwritten/Clean -> Dirty), so
-    its neighbours need no bitmap IO for their next writes; not while degraded.
+    If a write marks a chunk of a block that is still waiting to be written, or another chunk of
+    the block is already Dirty/NeedSync, the whole block is "infected" (Unwritten/Clean -> Dirty),
+    so its neighbours need no bitmap IO for their next writes; not while degraded.
+
+    Only writes (Startwrite) infect. Upstream infects on every Dirty/NeedSync store, so a sync's
+    Endsync (Syncing -> Dirty) or a Reload/Stale at assembly can turn a whole block of Unwritten
+    chunks (no data) into written ones whenever the block's earlier mark has not been written
+    yet, and every later resync, check and recovery then copies them (fixtures e2 and f: the
+    kernel's own runs avoided it only because a user write had unplugged the block first).
+    Infection only saves later writes bitmap IO; leaving it out is always safe.
 
     Each block carries two generation numbers: ``_gen`` (bumped under ``_lock`` whenever the
     block is marked dirty) and ``_durable`` (the generation last written durably, advanced by the
@@ -334,8 +341,8 @@ class LocklessBitmap(Bitmap):
         lo, hi = DATA_OFFSET + first, DATA_OFFSET + last + 1
         cur = self.states[lo:hi]
         if action not in (Action.STARTWRITE, Action.STARTSYNC):
-            # No override applies: vectorise unless a new state must be written eagerly (then
-            # infection can change chunks later in the range, so they are read one by one).
+            # No override applies: vectorise unless a new state must be written eagerly (its
+            # block's generation and mark are kept chunk by chunk below).
             new = _LOOKUP[action][cur]
             changed = new != NONE
             if not np.isin(new[changed], _MARKING).any():
@@ -366,7 +373,8 @@ class LocklessBitmap(Bitmap):
                 # that sees the new byte also sees that its block is not yet durable.
                 self._gen[pos >> self._block_shift] += 1
                 area[pos] = new_state
-                self._mark_block(pos, infect=new_state != _NSU and not degraded, raid456=raid456)
+                infect = action == Action.STARTWRITE and new_state != _NSU and not degraded
+                self._mark_block(pos, infect=infect, raid456=raid456)
             else:
                 area[pos] = new_state
             if new_state in (_NS, _NSU):
@@ -710,6 +718,31 @@ class LocklessBitmap(Bitmap):
 
     def covers_since(self, events: int) -> bool:
         return events >= self.events_cleared
+
+    def mark_need_sync(self, chunks: Iterable[int]) -> int:
+        """Force chunks still Unwritten to NeedSync, durably; returns how many were marked.
+
+        Not an upstream action: llraid's Unwritten audit uses it for chunks that hold data
+        although marked Unwritten (the kernel's discard bug), so the resync makes their copies
+        agree and recoveries copy them from then on. Written to every member before returning,
+        so a crash before the resync still resyncs them."""
+        if self.write_error:
+            return 0
+        marked = 0
+        with self._lock:
+            degraded = self.host.is_degraded()
+            for c in chunks:
+                pos = DATA_OFFSET + c
+                if c >= self.chunks or self.area[pos] not in (_U, _CU):
+                    continue  # written meanwhile: its own write intent covers it
+                self._gen[pos >> self._block_shift] += 1
+                self.area[pos] = _NS
+                self._mark_block(pos, infect=False, raid456=False)
+                marked += 1
+        self.unplug()
+        if marked and not degraded:
+            self.host.request_sync()
+        return marked
 
     def start_recovery(self) -> None:
         """Before a real recovery: the new member has no parity for *Unwritten chunks."""

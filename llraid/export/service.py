@@ -72,7 +72,7 @@ class SyncRunner:
     def _progress(self, kind: str, done: int, total: int) -> None:
         self.kind, self.done, self.total = kind, done, total
 
-    def run(self, kind: SyncKind | None) -> SyncStats | None:
+    def run(self, kind: SyncKind | None, unwritten: bool = False) -> SyncStats | None:
         with self.lock:
             if self.closed:
                 return None
@@ -86,17 +86,18 @@ class SyncRunner:
             self.kind, self.done, self.total, self.started = kind.value, 0, 0, time.monotonic()
             try:
                 self.last = run_sync(
-                    self.array, kind, stop=self.stop, progress=self._progress, speed_limit=self.speed_limit
-                )
+                    self.array, kind, stop=self.stop, progress=self._progress, speed_limit=self.speed_limit,
+                    unwritten=unwritten,
+                )  # fmt: skip
             finally:
-                self.kind = "idle"
+                self.kind, self.done, self.total = "idle", 0, 0  # the result is in ``last``
             return self.last
 
-    def start(self, kind: SyncKind) -> None:
+    def start(self, kind: SyncKind, unwritten: bool = False) -> None:
         if self.lock.locked():
             raise LlraidError(f"a {self.kind} is running; 'sync idle' stops it")
         self.thread = threading.Thread(
-            target=self.run, args=(kind,), name=f"llraid-{kind.value}", daemon=True
+            target=self.run, args=(kind, unwritten), name=f"llraid-{kind.value}", daemon=True
         )
         self.thread.start()
 
@@ -293,14 +294,14 @@ class Service:
                 raise LlraidError("set takes a name and a value")
             return self._set(args[0], args[1])
         if cmd == "sync":
-            action = one()
-            if action == "idle":
+            action, flags = (args[0], args[1:]) if args else ("", [])
+            if action == "idle" and not flags:
                 self.syncer.interrupt()
                 return "idle"
-            if action not in ("check", "repair"):
-                raise LlraidError("sync takes check, repair or idle")
-            self.syncer.start(SyncKind(action))
-            return f"{action} started"
+            if action not in ("check", "repair") or any(f != "--unwritten" for f in flags):
+                raise LlraidError("sync takes check, repair or idle (check and repair: --unwritten)")
+            self.syncer.start(SyncKind(action), unwritten=bool(flags))
+            return f"{action}{' of Unwritten chunks' if flags else ''} started"
         if cmd == "stop":
             return "stopping"
         raise LlraidError(f"unknown command {cmd!r}")
@@ -365,7 +366,9 @@ class Service:
     def detail(self) -> dict[str, Any]:
         a = self.array
         d = self.status()
+        last = self.syncer.last
         d.update(
+            mismatch_cnt=last.mismatches if last is not None else 0,  # md: from the last sync action
             events=a.events,
             resync_offset=None if a.resync_cp == MAX_SECTOR else a.resync_cp,
             layout=a.sb.layout,

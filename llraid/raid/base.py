@@ -147,6 +147,11 @@ class RuntimePersonality(Personality, Protocol):
         """Rebuild ``target``'s member sectors from ``msector`` (sync-space ``sector``, ``count``)."""
         ...
 
+    def audit_window(self, sio: SyncIO, sector: int, count: int) -> tuple[bool, bool]:
+        """``(holds non-zero data, copies/parity differ)`` for a window the bitmap calls
+        Unwritten (the Unwritten audit: such a window should hold nothing)."""
+        ...
+
 
 class NoCopyError(AssemblyError):
     """No member holding a copy of the requested data is available."""
@@ -300,6 +305,28 @@ class MirrorPersonality(ABC):
                     io.fail(d, reason=str(e))
                 if not copy_all:
                     sio.repaired(p.count)
+
+    def audit_window(self, sio: SyncIO, sector: int, count: int) -> tuple[bool, bool]:
+        io = sio.array
+        nonzero = differ = False
+        for p in self.pieces(sector, count):
+            zero = bytes(p.count * 512)
+            first: bytes | None = None
+            for r, ms in p.copies:
+                d = io.by_role(r)
+                if d is None or not io.available(r, ms, p.count):
+                    continue
+                try:
+                    data = sio.read(d, ms, p.count)
+                except DeviceError as e:
+                    io.fail(d, reason=str(e))
+                    continue
+                nonzero = nonzero or data != zero
+                if first is None:
+                    first = data
+                elif data != first:
+                    differ = True
+        return nonzero, differ
 
     def recover_window(self, sio: SyncIO, target: Rdev, msector: int, sector: int, count: int) -> None:
         """Copy sync-space sectors ``[sector, sector+count)`` onto ``target`` at ``msector``."""

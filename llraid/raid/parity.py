@@ -309,6 +309,22 @@ class Raid5Runtime(Raid5):
             sio.array.fail(d, reason=str(e))
             raise IOFailure(f"sync read failed on {d.path}") from None
 
+    def audit_window(self, sio: SyncIO, sector: int, count: int) -> tuple[bool, bool]:
+        """Non-zero data blocks in an Unwritten window. Parity is not compared: a never-written
+        chunk's parity is legitimately unbuilt (lazy parity), so only data counts."""
+        io = sio.array
+        geo = self.geo
+        end = sector + count
+        nonzero = False
+        while sector < end:
+            n = min(end - sector, geo.chunk_sectors - (sector & geo.chunk_mask))
+            for r in self.row(sector >> geo.chunk_shift).data:
+                d = io.by_role(r)
+                if d is not None and io.available(r, sector, n):
+                    nonzero = nonzero or any(self._sync_read(sio, d, sector, n))
+            sector += n
+        return nonzero, False
+
     def recover_window(self, sio: SyncIO, target: Rdev, msector: int, sector: int, count: int) -> None:
         """Rebuild ``target``'s member sectors ``[msector, msector+count)`` (sync space = member
         sectors): a copy of the member it replaces if that one is readable, else the XOR of

@@ -244,6 +244,16 @@ class Raid6Runtime(Raid6):
         except DeviceError as e:
             sio.array.fail(d, reason=str(e))
 
+    def audit_window(self, sio: SyncIO, sector: int, count: int) -> tuple[bool, bool]:
+        """Non-zero data blocks in an Unwritten window (parity may be unbuilt there: lazy)."""
+        io = sio.array
+        nonzero = False
+        for ms, n in self._rows(sector, count):
+            for r in self.geo.stripe(ms >> self.geo.chunk_shift).data_roles:
+                if io.by_role(r) is not None and io.available(r, ms, n):
+                    nonzero = nonzero or any(_Members(io, sio).read(r, ms, n))
+        return nonzero, False
+
     def recover_window(self, sio: SyncIO, target: Rdev, msector: int, sector: int, count: int) -> None:
         """Rebuild ``target``'s member sectors: a copy of the member it replaces if that one is
         readable, else its blocks (data, P or Q) from the rest of each row."""

@@ -23,6 +23,10 @@ Conventions of the model (spec 1, 3.1-3.3, ONDISK 5):
 Choices where the spec leaves room, each next to its code: discards take only fully covered chunks
 (7.6 "newest", not the 6.18 end-chunk formula quoted in 5); a page's expiry starts at "never"
 (4.1 does not say).
+
+One deliberate deviation from 3.1/3.2: only Startwrite infects. Upstream also infects on the
+Dirty/NeedSync stores of Endsync, Reload and Stale, which turns Unwritten chunks (no data) into
+written ones after a sync (fixtures e2, f; README "Notes on upstream vs the spec").
 """
 
 from __future__ import annotations
@@ -190,7 +194,7 @@ class Model:
                 new = NS
             if new is None:
                 continue
-            self._store(pos, new)
+            self._store(pos, new, infect=action == SW)
             if new in (NS, NSU):
                 need_resync = not self.degraded
         if need_resync:
@@ -198,10 +202,10 @@ class Model:
         return new
 
     # 3.1 / 3.2
-    def _store(self, pos: int, new: int) -> None:
+    def _store(self, pos: int, new: int, *, infect: bool) -> None:
         self.mem[pos] = new
         if new in (D, NS):
-            self._mark(pos, infect=True)
+            self._mark(pos, infect=infect)
         elif new == NSU:
             self._mark(pos, infect=False)
 
