@@ -216,13 +216,13 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
     if (
         len(args.devices) == 1
-        and args.devices[0] in ("check", "repair", "idle")
+        and args.devices[0] in ("check", "repair", "idle", "proactive")
         and not os.path.exists(args.devices[0])
     ):
         # `llraid sync check|repair|idle`: act on the running array, like md's sync_action
         print(_control(args, "sync", [args.devices[0]] + (["--unwritten"] if args.unwritten else [])))
         return 0
-    if args.unwritten and args.mode == "resync":
+    if args.unwritten and args.mode not in ("check", "repair"):
         raise LlraidError("--unwritten audits with --mode check or --mode repair")
     array = Array.assemble(args.devices, run=args.run, force=args.force)
     stop = threading.Event()
@@ -231,6 +231,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
     def work(progress: Callable[[str, int, int], None] | None) -> None:
         kw: dict[str, Any] = {"speed_limit": args.speed_limit or None, "stop": stop, "progress": progress}
         passes.extend(sync_until_idle(array, **kw))
+        if args.mode == "proactive" and all(p.completed for p in passes):
+            array.proactive_sync()  # every Unwritten chunk of a raid4/5/6 gets its parity built
+            passes.extend(sync_until_idle(array, **kw))
         if args.mode in ("check", "repair") and all(p.completed for p in passes):
             passes.append(run_sync(array, SyncKind(args.mode), unwritten=args.unwritten, **kw))
             if args.unwritten and passes[-1].completed:
@@ -707,7 +710,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sy = sub.add_parser("sync", help="resync / recover what is needed, or check / repair")
     sy.add_argument("devices", nargs="+", metavar="DEV")
-    sy.add_argument("--mode", choices=["resync", "check", "repair"], default="resync")
+    sy.add_argument(
+        "--mode",
+        choices=["resync", "check", "repair", "proactive"],
+        default="resync",
+        help="resync (what is needed), check, repair, or proactive (raid4/5/6 with llbitmap: build "
+        "the parity of every never-written chunk now)",
+    )
     sy.add_argument("--speed-limit", type=_size, default=0, help="bytes per second (K/M suffixes)")
     sy.add_argument("--json", action="store_true")
     sy.add_argument(

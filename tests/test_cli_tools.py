@@ -156,3 +156,22 @@ def test_bench_json_has_the_promised_keys(capsys: pytest.CaptureFixture[str]) ->
     # the cost of resync after a crash: llbitmap copies only what was written, none everything
     assert sync["lockless"]["resync_bytes_read"] < sync["none"]["resync_bytes_read"]
     assert all(s["mismatches_after"] == 0 for s in doc["sync"])
+
+
+def test_sync_mode_proactive_builds_every_chunks_parity(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = members(tmp_path, 3)
+    assert run(capsys, "create", "--level", "5", "--name", "p", "--homehost", "h", *paths)[0] == 0
+    rc, out, _ = run(capsys, "sync", "--mode", "proactive", "--json", *paths)
+    assert rc == 0
+    passes = json.loads(out)
+    assert [p["kind"] for p in passes] == ["recovery", "resync"]
+    with Array.assemble(paths) as a:
+        assert a.bitmap.bits_view().splitlines()[-1] == f"clean unwritten {a.bitmap.chunks}"  # type: ignore[attr-defined]
+    assert passes[-1]["sectors_synced"] == passes[-1]["end_sector"]
+    (tmp_path / "r1").mkdir()
+    paths1 = members(tmp_path / "r1", 2)
+    assert run(capsys, "create", "--level", "1", "--name", "q", "--homehost", "h", *paths1)[0] == 0
+    rc, _, err = run(capsys, "sync", "--mode", "proactive", *paths1)
+    assert rc == 1 and "raid4/5/6 only" in err

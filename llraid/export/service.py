@@ -298,8 +298,13 @@ class Service:
             if action == "idle" and not flags:
                 self.syncer.interrupt()
                 return "idle"
+            if action == "proactive" and not flags:
+                self.array.proactive_sync()  # the md thread starts the parity build
+                return "proactive parity build requested"
             if action not in ("check", "repair") or any(f != "--unwritten" for f in flags):
-                raise LlraidError("sync takes check, repair or idle (check and repair: --unwritten)")
+                raise LlraidError(
+                    "sync takes check, repair, idle or proactive (check and repair: --unwritten)"
+                )
             self.syncer.start(SyncKind(action), unwritten=bool(flags))
             return f"{action}{' of Unwritten chunks' if flags else ''} started"
         if cmd == "stop":
