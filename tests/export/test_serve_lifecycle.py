@@ -411,7 +411,7 @@ def test_control_channel_rejects_bad_requests(
         ("remove", [members[0]], "fail it first"),
         ("set", ["daemon_sleep"], "set takes a name and a value"),
         ("re-add", [foreign[0]], "belongs to array"),
-        ("sync", ["resync"], "sync takes check, repair or idle"),
+        ("sync", ["resync"], "sync takes check, repair, idle or proactive"),
     ]:
         with pytest.raises(LlraidError, match=msg):
             control_request(s.control, cmd, args, timeout=10)
