@@ -183,7 +183,7 @@ def test_control_command_audit(mdir: Path, tmp_path: Path, monkeypatch: pytest.M
         assert d["sync"]["action"] == "idle" and d["sync"]["done"] == 0 and d["sync"]["percent"] is None
         last = d["sync"]["last"]
         assert [c["chunk"] for c in last["unwritten_audit"]["chunks"]] == [1, 2]
-        with pytest.raises(LlraidError, match="check, repair or idle"):
+        with pytest.raises(LlraidError, match="check, repair, idle or proactive"):
             svc._dispatch("sync", ["idle", "--unwritten"])
     finally:
         array.stop()
