@@ -148,13 +148,18 @@ def cmd_create(args: argparse.Namespace) -> int:
 
     if args.chunk is not None and args.level == 1:
         raise LlraidError("specifying chunk size is forbidden for raid1")
-    chunk = 0 if args.level == 1 else (args.chunk or 512 * 1024)
-    if chunk % 512:
-        raise LlraidError("chunk size must be a multiple of 512 bytes")
+    # 0 is a value, not "the default": mdadm refuses it too
+    chunk = 0 if args.level == 1 else (512 * 1024 if args.chunk is None else args.chunk)
+    if args.level == 10 and (chunk < 4096 or chunk & (chunk - 1)):
+        raise LlraidError(f"chunk size must be a power of two from 4K to 512G, not {chunk} bytes")
     minor = {"1.2": 2, "1.1": 1, "1.0": 0, "1": 2, "default": 2}.get(args.metadata)
     if minor is None:
         raise LlraidError(f"unknown metadata version {args.metadata!r} (1.0, 1.1, 1.2)")
-    n = args.raid_devices or len(args.devices)
+    n = len(args.devices) if args.raid_devices is None else args.raid_devices
+    if n < 1:
+        raise LlraidError(f"invalid number of raid devices: {n}")
+    if n == 1 and not args.force:
+        raise LlraidError("1 is an unusual number of drives for an array (no redundancy); use --force")
     spec = CreateSpec(
         level=args.level,
         raid_devices=n,
@@ -173,7 +178,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     sbs = create(args.devices, spec, force=args.force)
     sb = sbs[0]
     print(
-        f"llraid: created raid{args.level} {format_uuid(sb.set_uuid)} on {n} members, "
+        f"llraid: created raid{args.level} {format_uuid(sb.set_uuid)} on {n} member{'s' if n > 1 else ''}, "
         f"{sb.size * 512} bytes each, bitmap {args.bitmap}"
     )
     return 0
