@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import socket
+import stat
 import sys
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
@@ -119,6 +120,17 @@ def _assembled(args: argparse.Namespace) -> Iterator[Assembly]:
 
 
 def cmd_cat(args: argparse.Namespace) -> int:
+    from llraid.device import fd_identity, path_identity
+
+    # before anything is opened for writing: `-o MEMBER` would truncate the array's own member
+    if args.output is not None and os.path.exists(args.output):
+        _not_a_member(path_identity(args.output), args.output, args.devices)
+    elif args.output is None:
+        if sys.stdout is None:
+            raise LlraidError("standard output is closed: give a file with -o FILE")
+        fd = _fd_of(sys.stdout.buffer)
+        if fd is not None:
+            _not_a_member(fd_identity(fd), "standard output", args.devices)
     with _assembled(args) as asm:
         size = asm.array_bytes
         offset = args.offset
@@ -128,7 +140,8 @@ def cmd_cat(args: argparse.Namespace) -> int:
         for m in asm.stale:
             _error(f"{m.path} is stale (events {m.sb.events} < {asm.sb.events}): not used")
         if args.output:
-            with open(args.output, "wb") as f:
+            # the array's data: private to its owner, like the members
+            with open(args.output, "wb", opener=lambda p, fl: os.open(p, fl, 0o600)) as f:
                 _copy(asm, offset, length, f)
         else:
             _copy(asm, offset, length, sys.stdout.buffer)
@@ -184,25 +197,106 @@ def cmd_create(args: argparse.Namespace) -> int:
     return 0
 
 
+WRITE_PIECE = 4 << 20  # bytes read from the input and written at a time: memory stays bounded
+
+
+def _fd_of(f: IO[bytes]) -> int | None:
+    try:
+        return f.fileno()
+    except (OSError, ValueError):  # a stream without a descriptor (one a test put in place)
+        return None
+
+
+def _known_size(f: IO[bytes]) -> int | None:
+    """Bytes left in ``f`` if it is a regular file or block device; None for pipes, ttys, /dev/zero."""
+    fd = _fd_of(f)
+    if fd is None:
+        return None
+    st = os.fstat(fd)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        return None
+    here = os.lseek(fd, 0, os.SEEK_CUR)
+    end = os.lseek(fd, 0, os.SEEK_END)  # block devices report 0 in st_size
+    os.lseek(fd, here, os.SEEK_SET)
+    return max(end - here, 0)
+
+
+def _member_identities(devices: Sequence[str]) -> dict[tuple[int, int], str]:
+    from llraid.device import path_identity
+
+    found: dict[tuple[int, int], str] = {}
+    for dev in devices:
+        with contextlib.suppress(LlraidError):  # a missing member is reported by the assembly
+            found[path_identity(dev)] = dev
+    return found
+
+
+def _not_a_member(ident: tuple[int, int], name: str, devices: Sequence[str]) -> None:
+    """Refuse to copy between the array and one of its own members: it would overwrite itself."""
+    dev = _member_identities(devices).get(ident)
+    if dev is not None:
+        raise LlraidError(f"{name} is {'' if dev == name else dev + ', '}a member of the array")
+
+
 def cmd_write(args: argparse.Namespace) -> int:
     from llraid.array import Array
+    from llraid.device import fd_identity
 
-    data = sys.stdin.buffer.read() if args.input in (None, "-") else open(args.input, "rb").read()  # noqa: SIM115
-    array = Array.assemble(args.devices, run=args.run, force=args.force)
-    try:
-        if args.offset + len(data) > array.array_bytes:
+    with contextlib.ExitStack() as stack:
+        if args.input in (None, "-"):
+            if sys.stdin is None:
+                raise LlraidError("standard input is closed: give the data with -i FILE")
+            src, name = sys.stdin.buffer, "standard input"
+        else:
+            src, name = stack.enter_context(open(args.input, "rb")), args.input
+        fd = _fd_of(src)
+        if fd is not None:
+            _not_a_member(fd_identity(fd), name, args.devices)
+        # Everything that can be refused is refused before the array is started (starting it
+        # may already write: bitmap first use, a catch-up of the superblocks).
+        with _assembled(args) as asm:
+            capacity = asm.array_bytes - args.offset
+        if capacity < 0:
+            raise LlraidError(f"offset {args.offset} is past the end of the array ({asm.array_bytes} bytes)")
+        size = _known_size(src)
+        if size is not None and size > capacity:
             raise LlraidError(
-                f"{len(data)} bytes at {args.offset} do not fit in the array ({array.array_bytes} bytes)"
+                f"{name} holds {size} bytes; at offset {args.offset} the array has room for {capacity} "
+                f"(array {asm.array_bytes} bytes): nothing written"
             )
-        piece = 1 << 20
-        for pos in range(0, len(data), piece):
-            array.write_bytes(args.offset + pos, data[pos : pos + piece])
-        array.flush()
-    except BaseException:
+        array = Array.assemble(args.devices, run=args.run, force=args.force)
+        written = 0
+
+        def done() -> str:
+            return f"wrote {written} bytes at offset {args.offset} (up to byte {args.offset + written})"
+
+        try:
+            while written < capacity:
+                piece = src.read(min(WRITE_PIECE, capacity - written))
+                if not piece:
+                    break
+                array.write_bytes(args.offset + written, piece)
+                written += len(piece)
+            # a stream (pipe, /dev/zero) may go on past the end: one more byte tells
+            more = written == capacity and len(src.read(1)) > 0
+            array.flush()
+        except KeyboardInterrupt:
+            array.stop()
+            _error(f"interrupted: {done()}")
+            raise
+        except (LlraidError, OSError) as e:
+            array.stop()
+            raise LlraidError(f"{_os_error_text(e)}; {done()}") from None
+        except BaseException:
+            array.stop()
+            raise
         array.stop()
-        raise
-    array.stop()
-    print(f"llraid: wrote {len(data)} bytes at {args.offset}", file=sys.stderr)
+    if more:
+        raise LlraidError(
+            f"{name} is larger than the array ({asm.array_bytes} bytes): {done()}, the end of the array; "
+            "the rest of the input was not written"
+        )
+    print(f"llraid: wrote {written} bytes at offset {args.offset}", file=sys.stderr)
     return 0
 
 
@@ -544,11 +638,15 @@ def build_parser() -> argparse.ArgumentParser:
     xb.add_argument("--force", action="store_true", help="read despite a bad superblock checksum")
     xb.set_defaults(func=cmd_examine_bitmap)
 
-    cat = sub.add_parser("cat", help="write the array's data (read-only assembly)")
+    cat = sub.add_parser(
+        "cat", help="read the array's data to standard output or a file (read-only assembly)"
+    )
     cat.add_argument("devices", nargs="+", metavar="DEV")
     cat.add_argument("--offset", type=_size, default=0, help="start byte in the array (K/M/G suffixes)")
-    cat.add_argument("--length", type=_size, default=None, help="bytes to write (default: to the end)")
-    cat.add_argument("-o", "--output", help="write to FILE instead of standard output")
+    cat.add_argument("--length", type=_size, default=None, help="bytes to read (default: to the end)")
+    cat.add_argument(
+        "-o", "--output", metavar="FILE", help="write the data to FILE (mode 0600 if new) instead of stdout"
+    )
     cat.add_argument("--force", action="store_true", help="accept bad checksums / unclean degraded raid5")
     cat.set_defaults(func=cmd_cat)
 
@@ -574,8 +672,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     wr = sub.add_parser("write", help="write data into the array through the full write path")
     wr.add_argument("devices", nargs="+", metavar="DEV")
-    wr.add_argument("--offset", type=_size, default=0, help="start byte in the array")
-    wr.add_argument("-i", "--input", default=None, help="read data from FILE (default: standard input)")
+    wr.add_argument("--offset", type=_size, default=0, help="start byte in the array (K/M/G suffixes)")
+    wr.add_argument(
+        "-i",
+        "--input",
+        default=None,
+        metavar="FILE",
+        help="read data from FILE (default: standard input); it must fit between --offset and the end",
+    )
     wr.add_argument("--run", action="store_true", help="start even if degraded")
     wr.add_argument("--force", action="store_true", help="accept bad checksums")
     wr.set_defaults(func=cmd_write)
@@ -603,10 +707,12 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="running arrays, like /proc/mdstat")
     st.set_defaults(func=cmd_status)
 
-    def control(name: str, cmd: str, help: str, nargs: int | None = None) -> argparse.ArgumentParser:
+    def control(
+        name: str, cmd: str, help: str, nargs: int | None = None, metavar: str = "DEV"
+    ) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help)
         if nargs:
-            c.add_argument("targets", nargs=nargs, metavar="DEV")
+            c.add_argument("targets", nargs=nargs, metavar=metavar)
         c.add_argument("--array", default=None, help="UUID (prefix) or name of the running array")
         c.add_argument("--json", action="store_true")
         c.set_defaults(func=cmd_control, control_cmd=cmd)
@@ -625,7 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
     se = control("set", "set", "set daemon_sleep, barrier_idle, safe_mode_delay or sync_speed_max")
     se.add_argument("name")
     se.add_argument("value")
-    control("get", "get", "read daemon_sleep, barrier_idle, safe_mode_delay or sync_speed_max", 1)
+    control("get", "get", "read daemon_sleep, barrier_idle, safe_mode_delay or sync_speed_max", 1, "NAME")
     sy.add_argument("--array", default=None, help="with check|repair|idle: the running array")
 
     qs = sub.add_parser(
