@@ -489,43 +489,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """The README's main job: a raid10 with the lockless bitmap on four files, served over NBD."""
-    from llraid.create import CreateSpec, create, parse_layout
-    from llraid.format.bitmap import BitmapKind
+    from llraid.quickstart import run
 
-    data = os.path.abspath(args.data)
-    os.makedirs(data, exist_ok=True)
-    paths = [os.path.join(data, f"member{i}.img") for i in range(4)]
-    have = [p for p in paths if os.path.exists(p)]
-    if not have:
-        for p in paths:
-            with open(p, "wb") as f:
-                f.truncate(args.member_size)
-        spec = CreateSpec(
-            level=10, raid_devices=4, layout=parse_layout(10, "n2"), chunk_sectors=1024,
-            bitmap=BitmapKind.LOCKLESS, assume_clean=False, name="quickstart", minor=2, size=None,
-            homehost=_default_homehost(),
-        )  # fmt: skip
-        create(paths, spec)
-        print(f"llraid: created raid10 (n2, lockless bitmap) on {len(paths)} members in {data}", flush=True)
-    elif len(have) != len(paths):
-        raise LlraidError(f"{data} holds only some member files ({len(have)} of 4); refusing to guess")
-    sock = os.path.join(data, "array.nbd")
-    uri = f"nbd+unix:///?socket={sock}"
-    print(
-        f"""llraid: connect with any NBD client:
-    nbdinfo '{uri}'
-    nbdcopy some.img '{uri}'                 # copy an image into the array
-    qemu-img convert -O raw '{uri}' copy.img  # and back out
-    qemu-io -f raw '{uri}' -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M'
-  a kernel block device (root): nbdfuse + loop
-    mkdir -p /tmp/llraid-fuse && (nbdfuse /tmp/llraid-fuse/disk '{uri}' &)
-    losetup --find --show --direct-io=on /tmp/llraid-fuse/disk    # then mkfs.ext4 / mount it
-  llraid status | detail | bits | stop   (Ctrl-C stops cleanly too)""",
-        flush=True,
-    )
-    args.devices, args.socket, args.listen, args.name = paths, sock, None, ""
-    args.run, args.readonly, args.force = False, False, False
-    return cmd_serve(args)
+    return run(args.data, args.member_size)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -737,9 +703,14 @@ def build_parser() -> argparse.ArgumentParser:
     qs = sub.add_parser(
         "quickstart", help="create (first run) or assemble a raid10 on files in DIR and serve it"
     )
-    qs.add_argument("--data", default="data", help="directory for the member files (default: ./data)")
     qs.add_argument(
-        "--member-size", type=_size, default=256 << 20, help="bytes per member file (default 256M)"
+        "--data", default="data", metavar="DIR", help="directory for the member files (default: ./data)"
+    )
+    qs.add_argument(
+        "--member-size",
+        type=_size,
+        default=None,
+        help="bytes per member file, on the first run (default 256M, at least 2.5M)",
     )
     qs.set_defaults(func=cmd_quickstart)
 

@@ -143,8 +143,8 @@ def short_size(n: int) -> str:
     """``n`` bytes in the largest binary unit that shows it well: ``512K``, ``2.5M``, ``100``."""
     for shift, unit in ((40, "T"), (30, "G"), (20, "M"), (10, "K")):
         if n >= 1 << shift:
-            value = n / (1 << shift)
-            return (f"{value:.0f}" if value == int(value) else f"{value:.1f}") + unit
+            tenths = n * 10 >> shift  # rounded down: a size just under a limit never shows as the limit
+            return (str(tenths // 10) if n % (1 << shift) == 0 else f"{tenths // 10}.{tenths % 10}") + unit
     return str(n)
 
 
