@@ -134,9 +134,14 @@ def cmd_cat(args: argparse.Namespace) -> int:
     with _assembled(args) as asm:
         size = asm.array_bytes
         offset = args.offset
+        if offset > size:
+            raise LlraidError(f"offset {offset} is past the end of the array ({size} bytes)")
         length = size - offset if args.length is None else args.length
-        if offset > size or offset + length > size:
-            raise LlraidError(f"range {offset}+{length} is outside the array ({size} bytes)")
+        if offset + length > size:
+            raise LlraidError(
+                f"--length {length} at offset {offset} runs past the end of the array ({size} bytes): "
+                f"at most {size - offset}"
+            )
         for m in asm.stale:
             _error(f"{m.path} is stale (events {m.sb.events} < {asm.sb.events}): not used")
         if args.output:

@@ -249,7 +249,8 @@ def plan_members(
             want -= want % chunk_kib
         if want > free_kib:
             raise CreateError(
-                f"--size {spec.size * 512} bytes is larger than the members allow ({free_kib * 1024})"
+                f"--size {show_bytes(spec.size * SECTOR)} is larger than the members allow "
+                f"({show_bytes(free_kib * 1024)})"
             )
         size_kib = want
     if spec.level == 1:
