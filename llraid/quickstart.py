@@ -165,8 +165,6 @@ def _check_first_run(lay: Layout, member_bytes: int, s: CreateSpec) -> None:
             f"--member-size {show_bytes(member_bytes)} is over this process's file-size limit "
             f"(ulimit -f: {show_bytes(limit)})"
         )
-    if not os.access(lay.data, os.W_OK | os.X_OK):
-        raise QuickstartError(f"cannot make files in {lay.data}: permission denied")
     st = os.statvfs(lay.data)
     free = st.f_bavail * st.f_frsize
     if MEMBERS * member_bytes > free:

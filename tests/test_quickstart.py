@@ -339,3 +339,24 @@ def test_a_data_path_that_needs_quoting(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
+
+
+@pytest.mark.root
+def test_small_and_read_only_file_systems(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (mount)")
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12M,mode=0755", "tmpfs", str(fs)], check=True)
+    try:
+        line = one_error_line(quickstart(fs / "data", tmp_path, "--member-size", "4M"))
+        assert "4 members of 4194304 bytes (4M) need 16777216 bytes (16M); the file system of" in line
+        (fs / "data").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(fs)], check=True)
+        line = one_error_line(quickstart(fs / "data", tmp_path, "--member-size", "1M"))
+        assert "is too small" in line  # the size is checked first
+        line = one_error_line(quickstart(fs / "data", tmp_path, "--member-size", "3M"))
+        assert line == f"llraid: cannot make {fs / 'data' / 'member0.img'}: Read-only file system\n"
+        assert list((fs / "data").iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(fs)], check=True)
