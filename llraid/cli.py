@@ -147,16 +147,23 @@ def cmd_cat(args: argparse.Namespace) -> int:
         if args.output:
             # the array's data: private to its owner, like the members
             with open(args.output, "wb", opener=lambda p, fl: os.open(p, fl, 0o600)) as f:
-                _copy(asm, offset, length, f)
+                _copy(asm, offset, length, f, args.output)
         else:
-            _copy(asm, offset, length, sys.stdout.buffer)
+            _copy(asm, offset, length, sys.stdout.buffer, "standard output")
     return 0
 
 
-def _copy(asm: Assembly, offset: int, length: int, out: IO[bytes]) -> None:
-    for piece in asm.iter_bytes(offset, length):
-        out.write(piece)
-    out.flush()
+def _copy(asm: Assembly, offset: int, length: int, out: IO[bytes], name: str) -> None:
+    done = 0
+    try:
+        for piece in asm.iter_bytes(offset, length):
+            out.write(piece)
+            done += len(piece)
+        out.flush()
+    except BrokenPipeError:
+        raise  # a reader such as `head` went away: main() ends quietly
+    except OSError as e:  # a full disk, /dev/full: say where and how far it got
+        raise LlraidError(f"{name}: {e.strerror or e}, after {done} of {length} bytes") from None
 
 
 def cmd_create(args: argparse.Namespace) -> int:

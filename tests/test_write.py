@@ -229,3 +229,16 @@ def test_help_says_what_cat_and_get_take(capsys: pytest.CaptureFixture[str]) -> 
         main(["get", "--help"])
     out = capsys.readouterr().out
     assert "NAME" in out and "DEV" not in out
+
+
+def test_cat_to_a_full_device_names_it(raid10: list[str]) -> None:
+    size = array_bytes(raid10)
+    with open("/dev/full", "wb") as full:
+        p = subprocess.run(
+            [sys.executable, "-m", "llraid.cli", "cat", *raid10],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            timeout=60,
+        )
+    line = one_error_line(p.stderr.decode())
+    assert p.returncode == 1 and f"standard output: No space left on device, after 0 of {size} bytes" in line
