@@ -227,9 +227,12 @@ def _known_size(f: IO[bytes]) -> int | None:
     st = os.fstat(fd)
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
         return None
-    here = os.lseek(fd, 0, os.SEEK_CUR)
-    end = os.lseek(fd, 0, os.SEEK_END)  # block devices report 0 in st_size
-    os.lseek(fd, here, os.SEEK_SET)
+    try:
+        here = os.lseek(fd, 0, os.SEEK_CUR)
+        end = os.lseek(fd, 0, os.SEEK_END)  # block devices report 0 in st_size
+        os.lseek(fd, here, os.SEEK_SET)
+    except OSError:  # /proc and /sys files: read them as a stream
+        return None
     return max(end - here, 0)
 
 
@@ -282,15 +285,21 @@ def cmd_write(args: argparse.Namespace) -> int:
         def done() -> str:
             return f"wrote {written} bytes at offset {args.offset} (up to byte {args.offset + written})"
 
+        def read(n: int) -> bytes:
+            try:
+                return src.read(n)
+            except OSError as e:
+                raise LlraidError(f"cannot read {name}: {e.strerror or e}") from None
+
         try:
             while written < capacity:
-                piece = src.read(min(WRITE_PIECE, capacity - written))
+                piece = read(min(WRITE_PIECE, capacity - written))
                 if not piece:
                     break
                 array.write_bytes(args.offset + written, piece)
                 written += len(piece)
             # a stream (pipe, /dev/zero) may go on past the end: one more byte tells
-            more = written == capacity and len(src.read(1)) > 0
+            more = written == capacity and len(read(1)) > 0
             array.flush()
         except KeyboardInterrupt:
             array.stop()

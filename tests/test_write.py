@@ -242,3 +242,16 @@ def test_cat_to_a_full_device_names_it(raid10: list[str]) -> None:
         )
     line = one_error_line(p.stderr.decode())
     assert p.returncode == 1 and f"standard output: No space left on device, after 0 of {size} bytes" in line
+
+
+def test_proc_files_are_read_as_streams_and_read_errors_are_named(
+    raid10: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # /proc files cannot be sized by seeking to their end: they are read like a pipe
+    rc, _, err = run(capsys, "write", *raid10, "-i", "/proc/version")
+    version = Path("/proc/version").read_bytes()
+    assert rc == 0 and err == f"llraid: wrote {len(version)} bytes at offset 0\n"
+    assert read_array(capsys, raid10, tmp_path / "out.bin")[: len(version)] == version
+    rc, _, err = run(capsys, "write", *raid10, "-i", "/proc/self/mem")  # offset 0 is never mapped: EIO
+    assert rc == 1
+    assert "cannot read /proc/self/mem: Input/output error; wrote 0 bytes at offset 0" in one_error_line(err)
