@@ -6,10 +6,12 @@ from __future__ import annotations
 import hashlib
 import os
 import resource
+import signal
 import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,12 @@ def one_error_line(err: str) -> str:
 
 def digests(paths: list[str]) -> list[str]:
     return [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths]
+
+
+def is_clean(path: str) -> bool:
+    member = open_member(path)
+    member.device.close()
+    return member.sb.is_clean
 
 
 def limited() -> None:
@@ -96,7 +104,7 @@ def test_dev_zero_fills_to_the_end_then_says_so_in_bounded_memory(
     assert f"wrote {size - (1 << 20)} bytes at offset {1 << 20}" in line
     data = read_array(capsys, raid10, tmp_path / "out.bin")
     assert any(data[: 1 << 20]) and not any(data[1 << 20 :])
-    assert open_member(raid10[0]).sb.is_clean  # stopped cleanly despite the refusal
+    assert is_clean(raid10[0])  # stopped cleanly despite the refusal
 
 
 def test_pipe_larger_than_the_array_is_written_up_to_the_end(
@@ -255,3 +263,28 @@ def test_proc_files_are_read_as_streams_and_read_errors_are_named(
     rc, _, err = run(capsys, "write", *raid10, "-i", "/proc/self/mem")  # offset 0 is never mapped: EIO
     assert rc == 1
     assert "cannot read /proc/self/mem: Input/output error; wrote 0 bytes at offset 0" in one_error_line(err)
+
+
+def test_interrupted_write_says_how_far_it_got_and_stops_cleanly(raid10: list[str]) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llraid.cli", "write", *raid10],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=limited,
+    )
+    assert proc.stdin is not None and proc.stderr is not None
+    proc.stdin.write(os.urandom(5 << 20))  # one whole piece, and the start of the next
+    proc.stdin.flush()
+    deadline = time.monotonic() + 60
+    while is_clean(raid10[0]):  # the array is marked active before its first write
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 130
+    proc.stdin.close()
+    line = one_error_line(err)
+    assert line.startswith("llraid: interrupted: wrote ") and "bytes at offset 0" in line
+    assert int(line.split()[3]) in (0, 4 << 20)
+    assert is_clean(raid10[0])
