@@ -643,7 +643,11 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("--raid-devices", "-n", type=int, default=None, help="default: the number of devices")
     cr.add_argument("--layout", "-p", default=None, help="raid10: n2 (default), f2, o2, n3, ...")
     cr.add_argument(
-        "--chunk", "-c", type=_kib_size, default=None, help="chunk size (default 512K; K if no unit)"
+        "--chunk",
+        "-c",
+        type=_kib_size,
+        default=None,
+        help="chunk size: a power of two from 4K to 512G (default 512K; K if no unit)",
     )
     cr.add_argument("--bitmap", "-b", choices=["lockless", "internal", "none"], default="lockless")
     cr.add_argument("--assume-clean", action="store_true", help="members already agree: no initial sync")
@@ -731,6 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--member-size",
         type=_size,
         default=None,
+        metavar="SIZE",
         help="bytes per member file, on the first run (default 256M, at least 2.5M)",
     )
     qs.set_defaults(func=cmd_quickstart)
