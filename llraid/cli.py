@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import socket
+import stat
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -127,26 +128,50 @@ def _assembled(args: argparse.Namespace) -> Iterator[Assembly]:
 
 
 def cmd_cat(args: argparse.Namespace) -> int:
+    from llraid.device import fd_identity, path_identity
+
+    # before anything is opened for writing: `-o MEMBER` would truncate the array's own member
+    if args.output is not None and os.path.exists(args.output):
+        _not_a_member(path_identity(args.output), args.output, args.devices)
+    elif args.output is None:
+        if sys.stdout is None:
+            raise LlraidError("standard output is closed: give a file with -o FILE")
+        fd = _fd_of(sys.stdout.buffer)
+        if fd is not None:
+            _not_a_member(fd_identity(fd), "standard output", args.devices)
     with _assembled(args) as asm:
         size = asm.array_bytes
         offset = args.offset
+        if offset > size:
+            raise LlraidError(f"offset {offset} is past the end of the array ({size} bytes)")
         length = size - offset if args.length is None else args.length
-        if offset > size or offset + length > size:
-            raise LlraidError(f"range {offset}+{length} is outside the array ({size} bytes)")
+        if offset + length > size:
+            raise LlraidError(
+                f"--length {length} at offset {offset} runs past the end of the array ({size} bytes): "
+                f"at most {size - offset}"
+            )
         for m in asm.stale:
             _error(f"{m.path} is stale (events {m.sb.events} < {asm.sb.events}): not used")
         if args.output:
-            with open(args.output, "wb") as f:
-                _copy(asm, offset, length, f)
+            # the array's data: private to its owner, like the members
+            with open(args.output, "wb", opener=lambda p, fl: os.open(p, fl, 0o600)) as f:
+                _copy(asm, offset, length, f, args.output)
         else:
-            _copy(asm, offset, length, sys.stdout.buffer)
+            _copy(asm, offset, length, sys.stdout.buffer, "standard output")
     return 0
 
 
-def _copy(asm: Assembly, offset: int, length: int, out: IO[bytes]) -> None:
-    for piece in asm.iter_bytes(offset, length):
-        out.write(piece)
-    out.flush()
+def _copy(asm: Assembly, offset: int, length: int, out: IO[bytes], name: str) -> None:
+    done = 0
+    try:
+        for piece in asm.iter_bytes(offset, length):
+            out.write(piece)
+            done += len(piece)
+        out.flush()
+    except BrokenPipeError:
+        raise  # a reader such as `head` went away: main() ends quietly
+    except OSError as e:  # a full disk, /dev/full: say where and how far it got
+        raise LlraidError(f"{name}: {e.strerror or e}, after {done} of {length} bytes") from None
 
 
 def cmd_create(args: argparse.Namespace) -> int:
@@ -156,13 +181,18 @@ def cmd_create(args: argparse.Namespace) -> int:
 
     if args.chunk is not None and args.level == 1:
         raise LlraidError("specifying chunk size is forbidden for raid1")
-    chunk = 0 if args.level == 1 else (args.chunk or 512 * 1024)
-    if chunk % 512:
-        raise LlraidError("chunk size must be a multiple of 512 bytes")
+    # 0 is a value, not "the default": mdadm refuses it too
+    chunk = 0 if args.level == 1 else (512 * 1024 if args.chunk is None else args.chunk)
+    if args.level == 10 and (chunk < 4096 or chunk & (chunk - 1)):
+        raise LlraidError(f"chunk size must be a power of two from 4K to 512G, not {chunk} bytes")
     minor = {"1.2": 2, "1.1": 1, "1.0": 0, "1": 2, "default": 2}.get(args.metadata)
     if minor is None:
         raise LlraidError(f"unknown metadata version {args.metadata!r} (1.0, 1.1, 1.2)")
-    n = args.raid_devices or len(args.devices)
+    n = len(args.devices) if args.raid_devices is None else args.raid_devices
+    if n < 1:
+        raise LlraidError(f"invalid number of raid devices: {n}")
+    if n == 1 and not args.force:
+        raise LlraidError("1 is an unusual number of drives for an array (no redundancy); use --force")
     spec = CreateSpec(
         level=args.level,
         raid_devices=n,
@@ -181,31 +211,121 @@ def cmd_create(args: argparse.Namespace) -> int:
     sbs = create(args.devices, spec, force=args.force)
     sb = sbs[0]
     print(
-        f"llraid: created raid{args.level} {format_uuid(sb.set_uuid)} on {n} members, "
+        f"llraid: created raid{args.level} {format_uuid(sb.set_uuid)} on {n} member{'s' if n > 1 else ''}, "
         f"{sb.size * 512} bytes each, bitmap {args.bitmap}"
     )
     return 0
 
 
+WRITE_PIECE = 4 << 20  # bytes read from the input and written at a time: memory stays bounded
+
+
+def _fd_of(f: IO[bytes]) -> int | None:
+    try:
+        return f.fileno()
+    except (OSError, ValueError):  # a stream without a descriptor (one a test put in place)
+        return None
+
+
+def _known_size(f: IO[bytes]) -> int | None:
+    """Bytes left in ``f`` if it is a regular file or block device; None for pipes, ttys, /dev/zero."""
+    fd = _fd_of(f)
+    if fd is None:
+        return None
+    st = os.fstat(fd)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        return None
+    try:
+        here = os.lseek(fd, 0, os.SEEK_CUR)
+        end = os.lseek(fd, 0, os.SEEK_END)  # block devices report 0 in st_size
+        os.lseek(fd, here, os.SEEK_SET)
+    except OSError:  # /proc and /sys files: read them as a stream
+        return None
+    return max(end - here, 0)
+
+
+def _member_identities(devices: Sequence[str]) -> dict[tuple[int, int], str]:
+    from llraid.device import path_identity
+
+    found: dict[tuple[int, int], str] = {}
+    for dev in devices:
+        with contextlib.suppress(LlraidError):  # a missing member is reported by the assembly
+            found[path_identity(dev)] = dev
+    return found
+
+
+def _not_a_member(ident: tuple[int, int], name: str, devices: Sequence[str]) -> None:
+    """Refuse to copy between the array and one of its own members: it would overwrite itself."""
+    dev = _member_identities(devices).get(ident)
+    if dev is not None:
+        raise LlraidError(f"{name} is {'' if dev == name else dev + ', '}a member of the array")
+
+
 def cmd_write(args: argparse.Namespace) -> int:
     from llraid.array import Array
+    from llraid.device import fd_identity
 
-    data = sys.stdin.buffer.read() if args.input in (None, "-") else open(args.input, "rb").read()  # noqa: SIM115
-    array = Array.assemble(args.devices, run=args.run, force=args.force)
-    try:
-        if args.offset + len(data) > array.array_bytes:
+    with contextlib.ExitStack() as stack:
+        if args.input in (None, "-"):
+            if sys.stdin is None:
+                raise LlraidError("standard input is closed: give the data with -i FILE")
+            src, name = sys.stdin.buffer, "standard input"
+        else:
+            src, name = stack.enter_context(open(args.input, "rb")), args.input
+        fd = _fd_of(src)
+        if fd is not None:
+            _not_a_member(fd_identity(fd), name, args.devices)
+        # Everything that can be refused is refused before the array is started (starting it
+        # may already write: bitmap first use, a catch-up of the superblocks).
+        with _assembled(args) as asm:
+            capacity = asm.array_bytes - args.offset
+        if capacity < 0:
+            raise LlraidError(f"offset {args.offset} is past the end of the array ({asm.array_bytes} bytes)")
+        size = _known_size(src)
+        if size is not None and size > capacity:
             raise LlraidError(
-                f"{len(data)} bytes at {args.offset} do not fit in the array ({array.array_bytes} bytes)"
+                f"{name} holds {size} bytes; at offset {args.offset} the array has room for {capacity} "
+                f"(array {asm.array_bytes} bytes): nothing written"
             )
-        piece = 1 << 20
-        for pos in range(0, len(data), piece):
-            array.write_bytes(args.offset + pos, data[pos : pos + piece])
-        array.flush()
-    except BaseException:
+        array = Array.assemble(args.devices, run=args.run, force=args.force)
+        written = 0
+
+        def done() -> str:
+            return f"wrote {written} bytes at offset {args.offset} (up to byte {args.offset + written})"
+
+        def read(n: int) -> bytes:
+            try:
+                return src.read(n)
+            except OSError as e:
+                raise LlraidError(f"cannot read {name}: {e.strerror or e}") from None
+
+        try:
+            while written < capacity:
+                piece = read(min(WRITE_PIECE, capacity - written))
+                if not piece:
+                    break
+                array.write_bytes(args.offset + written, piece)
+                written += len(piece)
+            # a stream (pipe, /dev/zero) may go on past the end: one more byte tells
+            more = written == capacity and len(read(1)) > 0
+            array.flush()
+        except KeyboardInterrupt:
+            array.stop()
+            _error(f"interrupted: {done()}")
+            raise
+        except (LlraidError, OSError) as e:
+            array.stop()
+            raise LlraidError(f"{_os_error_text(e)}; {done()}") from None
+        except BaseException:
+            array.stop()
+            raise
         array.stop()
-        raise
-    array.stop()
-    print(f"llraid: wrote {len(data)} bytes at {args.offset}", file=sys.stderr)
+    if more:
+        raise LlraidError(
+            f"{name} is larger than the array ({asm.array_bytes} bytes): {done()}, the end of the array; "
+            "the rest of the input was not written"
+        )
+    print(f"llraid: wrote {written} bytes at offset {args.offset}", file=sys.stderr)
     return 0
 
 
@@ -516,43 +636,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """The README's main job: a raid10 with the lockless bitmap on four files, served over NBD."""
-    from llraid.create import CreateSpec, create, parse_layout
-    from llraid.format.bitmap import BitmapKind
+    from llraid.quickstart import run
 
-    data = os.path.abspath(args.data)
-    os.makedirs(data, exist_ok=True)
-    paths = [os.path.join(data, f"member{i}.img") for i in range(4)]
-    have = [p for p in paths if os.path.exists(p)]
-    if not have:
-        for p in paths:
-            with open(p, "wb") as f:
-                f.truncate(args.member_size)
-        spec = CreateSpec(
-            level=10, raid_devices=4, layout=parse_layout(10, "n2"), chunk_sectors=1024,
-            bitmap=BitmapKind.LOCKLESS, assume_clean=False, name="quickstart", minor=2, size=None,
-            homehost=_default_homehost(),
-        )  # fmt: skip
-        create(paths, spec)
-        print(f"llraid: created raid10 (n2, lockless bitmap) on {len(paths)} members in {data}", flush=True)
-    elif len(have) != len(paths):
-        raise LlraidError(f"{data} holds only some member files ({len(have)} of 4); refusing to guess")
-    sock = os.path.join(data, "array.nbd")
-    uri = f"nbd+unix:///?socket={sock}"
-    print(
-        f"""llraid: connect with any NBD client:
-    nbdinfo '{uri}'
-    nbdcopy some.img '{uri}'                 # copy an image into the array
-    qemu-img convert -O raw '{uri}' copy.img  # and back out
-    qemu-io -f raw '{uri}' -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M'
-  a kernel block device (root): nbdfuse + loop
-    mkdir -p /tmp/llraid-fuse && (nbdfuse /tmp/llraid-fuse/disk '{uri}' &)
-    losetup --find --show --direct-io=on /tmp/llraid-fuse/disk    # then mkfs.ext4 / mount it
-  llraid status | detail | bits | stop   (Ctrl-C stops cleanly too)""",
-        flush=True,
-    )
-    args.devices, args.socket, args.listen, args.name = paths, sock, None, ""
-    args.run, args.readonly, args.force = False, False, False
-    return cmd_serve(args)
+    return run(args.data, args.member_size)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -665,11 +751,15 @@ def build_parser() -> argparse.ArgumentParser:
     xb.add_argument("--force", action="store_true", help="read despite a bad superblock checksum")
     xb.set_defaults(func=cmd_examine_bitmap)
 
-    cat = sub.add_parser("cat", help="write the array's data (read-only assembly)")
+    cat = sub.add_parser(
+        "cat", help="read the array's data to standard output or a file (read-only assembly)"
+    )
     cat.add_argument("devices", nargs="+", metavar="DEV")
     cat.add_argument("--offset", type=_size, default=0, help="start byte in the array (K/M/G suffixes)")
-    cat.add_argument("--length", type=_size, default=None, help="bytes to write (default: to the end)")
-    cat.add_argument("-o", "--output", help="write to FILE instead of standard output")
+    cat.add_argument("--length", type=_size, default=None, help="bytes to read (default: to the end)")
+    cat.add_argument(
+        "-o", "--output", metavar="FILE", help="write the data to FILE (mode 0600 if new) instead of stdout"
+    )
     cat.add_argument("--force", action="store_true", help="accept bad checksums / unclean degraded raid5")
     cat.set_defaults(func=cmd_cat)
 
@@ -686,7 +776,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="raid10: n2 (default), f2, o2, n3, ...; raid5: left-symmetric (default), ...",
     )
     cr.add_argument(
-        "--chunk", "-c", type=_kib_size, default=None, help="chunk size (default 512K; K if no unit)"
+        "--chunk",
+        "-c",
+        type=_kib_size,
+        default=None,
+        help="chunk size: a power of two from 4K to 512G (default 512K; K if no unit)",
     )
     cr.add_argument("--bitmap", "-b", choices=["lockless", "internal", "none"], default="lockless")
     cr.add_argument("--assume-clean", action="store_true", help="members already agree: no initial sync")
@@ -702,8 +796,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     wr = sub.add_parser("write", help="write data into the array through the full write path")
     wr.add_argument("devices", nargs="+", metavar="DEV")
-    wr.add_argument("--offset", type=_size, default=0, help="start byte in the array")
-    wr.add_argument("-i", "--input", default=None, help="read data from FILE (default: standard input)")
+    wr.add_argument("--offset", type=_size, default=0, help="start byte in the array (K/M/G suffixes)")
+    wr.add_argument(
+        "-i",
+        "--input",
+        default=None,
+        metavar="FILE",
+        help="read data from FILE (default: standard input); it must fit between --offset and the end",
+    )
     wr.add_argument("--run", action="store_true", help="start even if degraded")
     wr.add_argument("--force", action="store_true", help="accept bad checksums")
     wr.set_defaults(func=cmd_write)
@@ -742,10 +842,12 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="running arrays, like /proc/mdstat")
     st.set_defaults(func=cmd_status)
 
-    def control(name: str, cmd: str, help: str, nargs: int | None = None) -> argparse.ArgumentParser:
+    def control(
+        name: str, cmd: str, help: str, nargs: int | None = None, metavar: str = "DEV"
+    ) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help)
         if nargs:
-            c.add_argument("targets", nargs=nargs, metavar="DEV")
+            c.add_argument("targets", nargs=nargs, metavar=metavar)
         c.add_argument("--array", default=None, help="UUID (prefix) or name of the running array")
         c.add_argument("--json", action="store_true")
         c.set_defaults(func=cmd_control, control_cmd=cmd)
@@ -764,15 +866,21 @@ def build_parser() -> argparse.ArgumentParser:
     se = control("set", "set", "set daemon_sleep, barrier_idle, safe_mode_delay or sync_speed_max")
     se.add_argument("name")
     se.add_argument("value")
-    control("get", "get", "read daemon_sleep, barrier_idle, safe_mode_delay or sync_speed_max", 1)
+    control("get", "get", "read daemon_sleep, barrier_idle, safe_mode_delay or sync_speed_max", 1, "NAME")
     sy.add_argument("--array", default=None, help="with check|repair|idle: the running array")
 
     qs = sub.add_parser(
         "quickstart", help="create (first run) or assemble a raid10 on files in DIR and serve it"
     )
-    qs.add_argument("--data", default="data", help="directory for the member files (default: ./data)")
     qs.add_argument(
-        "--member-size", type=_size, default=256 << 20, help="bytes per member file (default 256M)"
+        "--data", default="data", metavar="DIR", help="directory for the member files (default: ./data)"
+    )
+    qs.add_argument(
+        "--member-size",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="bytes per member file, on the first run (default 256M, at least 2.5M)",
     )
     qs.set_defaults(func=cmd_quickstart)
 

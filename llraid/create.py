@@ -36,10 +36,19 @@ from llraid.format.superblock import (
 )
 from llraid.metadata import CreateError as CreateError
 from llraid.metadata import existing_signature
-from llraid.raid.layout import Raid10Geometry, parse_raid5_layout, parse_raid6_layout, parse_raid10_layout
+from llraid.raid.layout import (
+    Raid10Geometry,
+    parse_raid5_layout,
+    parse_raid6_layout,
+    parse_raid10_layout,
+    raid10_layout_text,
+)
 from llraid.raid.registry import LEVELS, creatable_names, level_name
 
 DEFAULT_CHUNK_KIB = 512
+MAX_CHUNK_SECTORS = 0x7FFFFFFF  # mdadm refuses chunks above INT_MAX sectors
+RAID1_ROUND_SECTORS = 128  # raid1 sizes are whole 64 KiB
+MIN_DATA_SIZE = 10  # md refuses a member whose data area is smaller ("data_size too small")
 LLBITMAP_SPACE = 256  # sectors mdadm reserves for llbitmap (sectors_reserved)
 BBLOG_SECTORS = 8
 GiB_SECTORS = 1 << 21
@@ -110,17 +119,113 @@ def array_name(name: str, homehost: str | None) -> bytes:
     return raw.ljust(32, b"\0")
 
 
-def plan_members(spec: CreateSpec, dev_sectors: Sequence[int]) -> tuple[int, int, int, int, int, int]:
+def short_size(n: int) -> str:
+    """``n`` bytes in the largest binary unit that shows it well: ``512K``, ``2.5M``, ``100``."""
+    for shift, unit in ((40, "T"), (30, "G"), (20, "M"), (10, "K")):
+        if n >= 1 << shift:
+            tenths = n * 10 >> shift  # rounded down: a size just under a limit never shows as the limit
+            return (str(tenths // 10) if n % (1 << shift) == 0 else f"{tenths // 10}.{tenths % 10}") + unit
+    return str(n)
+
+
+def show_bytes(n: int) -> str:
+    """``n`` bytes for a message: exact, then short (``2621440 bytes (2.5M)``)."""
+    return f"{n} bytes" if n < 1024 else f"{n} bytes ({short_size(n)})"
+
+
+def describe(spec: CreateSpec) -> str:
+    """The array in a message: ``raid10 (near=2, 512K chunks)``, ``raid5 (512K chunks)``, ``raid1``."""
+    chunks = f"{short_size(spec.chunk_sectors * SECTOR)} chunks"
+    if spec.level == 10:
+        return f"raid10 ({raid10_layout_text(spec.layout)}, {chunks})"
+    return f"raid{spec.level}" if spec.level == 1 else f"raid{spec.level} ({chunks})"
+
+
+def minimum_size(spec: CreateSpec) -> int:
+    """The smallest component size (sectors per member) that makes a non-empty array."""
+    if spec.level == 10:
+        # calc_sectors: each far copy needs a whole chunk of its own on every member
+        return spec.chunk_sectors * ((spec.layout >> 8) & 0xFF)
+    if spec.level != 1:
+        return spec.chunk_sectors  # raid4/5/6: one stripe row
+    return RAID1_ROUND_SECTORS
+
+
+def minimum_member_sectors(spec: CreateSpec) -> int:
+    """The smallest member (sectors) that holds the superblock, bitmap and ``minimum_size``.
+
+    The data offset grows with the member (mdadm's reshape headroom), so this is the fixed
+    point of ``offset(n) + need``: every smaller member leaves less than ``need``."""
+    need = max(minimum_size(spec), MIN_DATA_SIZE)
+    n = need
+    while True:
+        offset = default_data_offset(n, spec.chunk_sectors // 2)
+        if n - offset >= need:
+            return n
+        n = offset + need
+
+
+def validate_spec(spec: CreateSpec) -> None:
+    """Everything about a request that does not depend on the devices."""
+    lv = LEVELS.get(spec.level)
+    if lv is None or not lv.creatable:
+        raise CreateError(f"creating {level_name(spec.level)} is not supported ({creatable_names()} are)")
+    if spec.raid_devices < 1:
+        raise CreateError(f"invalid number of raid devices: {spec.raid_devices}")
+    # raid1 takes one device with --force; raid10 says how many its copies need (below)
+    if spec.raid_devices < lv.min_disks and spec.level not in (1, 10):
+        raise CreateError(f"{lv.name} needs at least {lv.min_disks} raid devices, not {spec.raid_devices}")
+    if spec.level == 1 and spec.chunk_sectors:
+        raise CreateError("specifying chunk size is forbidden for raid1")
+    if spec.level != 1:
+        c = spec.chunk_sectors
+        if c < 8 or c & (c - 1) or c > MAX_CHUNK_SECTORS:
+            raise CreateError(
+                f"chunk size must be a power of two from 4K to 512G, not {show_bytes(c * SECTOR)}"
+            )
+        copies = (spec.layout & 0xFF) * ((spec.layout >> 8) & 0xFF) if spec.level == 10 else 0
+        if copies >= 2 and spec.raid_devices < copies:
+            raise CreateError(
+                f"a raid10 with {copies} copies ({raid10_layout_text(spec.layout)}) needs at least "
+                f"{copies} raid devices, not {spec.raid_devices}"
+            )
+        try:  # the geometry md would build, on a size of a few chunks
+            lv.make(dataclasses.replace(_probe_superblock(spec), size=c * 4))
+        except (LayoutError, AssemblyError) as e:
+            raise CreateError(str(e)) from None
+    if spec.minor == 0:
+        raise CreateError("metadata 1.0 is not supported by llraid create yet (use 1.1 or 1.2)")
+    if spec.bitmap is BitmapKind.LOCKLESS and spec.minor != 2:
+        raise CreateError("the lockless bitmap needs metadata 1.2")
+    if spec.size is not None and spec.size < minimum_size(spec):
+        raise CreateError(
+            f"--size {show_bytes(spec.size * SECTOR)} is below the minimum: a {describe(spec)} "
+            f"needs at least {show_bytes(minimum_size(spec) * SECTOR)} per member"
+        )
+
+
+def plan_members(
+    spec: CreateSpec, dev_sectors: Sequence[int], names: Sequence[str] | None = None
+) -> tuple[int, int, int, int, int, int]:
     """``(data_offset, size, bitmap_offset, bblog_offset, bblog_size, sync_size)``."""
     chunk_kib = spec.chunk_sectors // 2
     first = dev_sectors[0]
     if spec.minor == 0:
         raise CreateError("metadata 1.0 is not supported by llraid create yet (use 1.1 or 1.2)")
     super_offset = super_offset_for(spec.minor, first)
+    # mdadm takes the data offset from the first member, so it decides what the others need
     data_offset = default_data_offset(first, chunk_kib)
+    need = minimum_size(spec)
+    room = max(need, MIN_DATA_SIZE)
+    for i, sectors in enumerate(dev_sectors):
+        if sectors - data_offset < room:
+            name = names[i] if names else f"member {i}"
+            raise CreateError(
+                f"{name} is too small: {show_bytes(sectors * SECTOR)}; a {describe(spec)} needs at least "
+                f"{show_bytes((data_offset + room) * SECTOR)} per member here (data starts at "
+                f"{show_bytes(data_offset * SECTOR)})"
+            )
     free = min(s - data_offset for s in dev_sectors)
-    if free <= 0:
-        raise CreateError(f"member too small: {min(dev_sectors)} sectors, data would start at {data_offset}")
     free_kib = free // 2
     if spec.level != 1:
         free_kib -= free_kib % chunk_kib
@@ -131,14 +236,15 @@ def plan_members(spec: CreateSpec, dev_sectors: Sequence[int]) -> tuple[int, int
             want -= want % chunk_kib
         if want > free_kib:
             raise CreateError(
-                f"--size {spec.size * 512} bytes is larger than the members allow ({free_kib * 1024})"
+                f"--size {show_bytes(spec.size * SECTOR)} is larger than the members allow "
+                f"({show_bytes(free_kib * 1024)})"
             )
         size_kib = want
     if spec.level == 1:
-        size_kib &= ~63  # mdadm: a whole 64 KiB, so the array can become raid5 later
+        size_kib &= ~(RAID1_ROUND_SECTORS // 2 - 1)  # mdadm: a whole 64 KiB, so it can become raid5 later
     size = size_kib * 2
-    if size <= 0:
-        raise CreateError("members are too small for an array")
+    if size < need:  # validate_spec and the loop above keep this from happening
+        raise CreateError(f"{show_bytes(size * SECTOR)} per member is too small for a {describe(spec)}")
     if spec.level == 10:
         Raid10Geometry.from_superblock(spec.layout, spec.raid_devices, spec.chunk_sectors, size)  # validates
         copies = (spec.layout & 0xFF) * ((spec.layout >> 8) & 0xFF)
@@ -211,38 +317,26 @@ def initial_bitmap_area(spec: CreateSpec, set_uuid: bytes, sync_size: int, size:
 
 def create(paths: Sequence[str], spec: CreateSpec, *, force: bool = False) -> list[Superblock1]:
     """Write a new array's metadata to ``paths`` (in role order); returns the superblocks."""
-    lv = LEVELS.get(spec.level)
-    if lv is None or not lv.creatable:
-        raise CreateError(f"creating {level_name(spec.level)} is not supported ({creatable_names()} are)")
-    if spec.raid_devices < lv.min_disks:
-        raise CreateError(f"{lv.name} needs at least {lv.min_disks} raid devices, not {spec.raid_devices}")
+    validate_spec(spec)
     if len(paths) != spec.raid_devices:
         raise CreateError(f"{len(paths)} devices given for {spec.raid_devices} raid devices")
     if len({path_identity(p) for p in paths}) != len(paths):
         raise CreateError("the same device is given twice")
-    if spec.level == 1 and spec.chunk_sectors:
-        raise CreateError("specifying chunk size is forbidden for raid1")
-    if spec.level != 1:
-        c = spec.chunk_sectors
-        if c < 8 or c & (c - 1):
-            raise CreateError("chunk size must be a power of two of at least 4K")
-        try:  # the geometry md would build, on a size of a few chunks
-            lv.make(dataclasses.replace(_probe_superblock(spec), size=c * 4))
-        except (LayoutError, AssemblyError) as e:
-            raise CreateError(str(e)) from None
-    if spec.bitmap is BitmapKind.LOCKLESS and spec.minor != 2:
-        raise CreateError("the lockless bitmap needs metadata 1.2")
     devices: list[Device] = []
     try:
         for p in paths:
             devices.append(Device(p, writable=True))
+        # sizes before signatures: a member that can never fit is the more useful answer
+        plan_members(spec, [d.sectors for d in devices], [d.path for d in devices])
         if not force:
             for d in devices:
                 found = existing_signature(d)
                 if found:
                     raise CreateError(f"{d.path} appears to contain {found}; use --force to overwrite it")
         sizes = [d.sectors for d in devices]
-        data_offset, size, bitmap_offset, bblog_offset, bblog_size, sync_size = plan_members(spec, sizes)
+        data_offset, size, bitmap_offset, bblog_offset, bblog_size, sync_size = plan_members(
+            spec, sizes, [d.path for d in devices]
+        )
         set_uuid = spec.uuid or secrets.token_bytes(16)
         now = int(time.time())
         n = spec.raid_devices

@@ -31,6 +31,11 @@ def path_identity(path: str) -> tuple[int, int]:
         raise DeviceError(f"{path}: cannot open: {e.strerror}") from None
 
 
+def fd_identity(fd: int) -> tuple[int, int]:
+    """As :func:`path_identity`, for an open file (standard input or output)."""
+    return _identity(os.fstat(fd))
+
+
 class Device:
     """An open member device. Use as a context manager, or call :meth:`close`."""
 

@@ -156,4 +156,11 @@ def test_cat_out_of_range(unpacked: Callable[[str], list[Path]], capsys: pytest.
     size = BY_NAME["a-raid1-llbitmap"].array_sectors * SECTOR
     assert main(["cat", *paths, "--offset", str(size - 1), "--length", "2", "-o", "/dev/null"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("llraid: ") and "outside the array" in err and err.count("\n") == 1
+    assert err.startswith("llraid: ") and err.count("\n") == 1
+    assert f"--length 2 at offset {size - 1} runs past the end of the array ({size} bytes): at most 1" in err
+    # far past the end: the offset is what is wrong (no negative room in the message)
+    assert main(["cat", *paths, "--offset", "99999999999999999999999T", "-o", "/dev/null"]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err == f"llraid: offset {99999999999999999999999 << 40} is past the end of the array ({size} bytes)\n"
+    )

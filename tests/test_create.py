@@ -407,3 +407,110 @@ def test_create_matches_fixture_i1(tmp_path: Path, unpacked: Callable[[str], lis
         assert same.build() == read_at(theirs_path, 8 * SECTOR, 512)
         at = (theirs.super_offset + theirs.bitmap_offset) * SECTOR
         assert read_at(path, at, 256) == read_at(theirs_path, at, 256)
+
+
+# ---- the command line: bad arguments get one line naming the problem, nothing written ---------------
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    from llraid.cli import main
+
+    rc = main(list(argv))
+    err = capsys.readouterr().err
+    if rc:
+        assert err.startswith("llraid: ") and err.count("\n") == 1, err
+    return rc, err
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--level", "10", "--chunk", "0"], "chunk size must be a power of two from 4K to 512G, not 0 bytes"),
+        (["--level", "10", "--chunk", "3K"], "power of two from 4K to 512G, not 3072 bytes"),
+        (["--level", "10", "--chunk", "1000B"], "not 1000 bytes"),
+        (["--level", "10", "--chunk", "1T"], "not 1099511627776 bytes"),
+        (["--level", "10", "-n", "0"], "invalid number of raid devices: 0"),
+        (["--level", "1", "-n", "-2"], "invalid number of raid devices: -2"),
+        (
+            ["--level", "10", "--size", "1"],
+            "--size 1024 bytes (1K) is below the minimum: a raid10 (near=2, 512K",
+        ),
+        (["--level", "10", "--size", "0"], "needs at least 524288 bytes (512K) per member"),
+        (
+            ["--level", "10", "--layout", "f2", "--size", "512K"],
+            "needs at least 1048576 bytes (1M) per member",
+        ),
+        (["--level", "1", "--size", "63K"], "a raid1 needs at least 65536 bytes (64K) per member"),
+        (["--level", "10", "--chunk", "64K", "--size", "63K"], "(near=2, 64K chunks)"),
+    ],
+    ids=[
+        "chunk-0",
+        "chunk-3K",
+        "chunk-1000B",
+        "chunk-1T",
+        "n-0",
+        "n-neg",
+        "size-1",
+        "size-0",
+        "size-f2",
+        "size-raid1",
+        "size-chunk64",
+    ],
+)
+def test_cli_refuses_bad_numbers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], match: str
+) -> None:
+    paths = members(tmp_path, [16 * MiB] * (2 if "1" in args[:2] else 4))
+    before = digest(paths)
+    rc, err = cli(capsys, "create", *args, *paths)
+    assert rc == 1 and match in err
+    assert digest(paths) == before
+
+
+def test_cli_one_device_needs_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (p,) = members(tmp_path, [16 * MiB])
+    rc, err = cli(capsys, "create", "--level", "1", p)
+    assert rc == 1 and "unusual number of drives" in err and "--force" in err
+    rc, err = cli(capsys, "create", "--level", "10", "--force", p)
+    assert rc == 1 and "a raid10 with 2 copies (near=2) needs at least 2 raid devices, not 1" in err
+    assert cli(capsys, "create", "--level", "1", "--force", p)[0] == 0
+
+
+def test_too_small_member_is_named_with_its_size_and_the_minimum(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = members(tmp_path, [16 * MiB, 16 * MiB, 0, 16 * MiB])
+    rc, err = cli(capsys, "create", "--level", "10", *paths)
+    assert rc == 1
+    assert (
+        f"{paths[2]} is too small: 0 bytes; a raid10 (near=2, 512K chunks) needs at least 2621440 bytes"
+        in err
+    )
+    paths = members(tmp_path / "b", [16 * MiB, 1 * MiB])
+    rc, err = cli(capsys, "create", "--level", "1", *paths)
+    assert rc == 1 and f"{paths[1]} is too small: 1048576 bytes (1M); a raid1 needs at least 1114112" in err
+
+
+@pytest.mark.parametrize(
+    "s",
+    [
+        spec(),
+        spec(10, 4),
+        spec(10, 4, layout="f2"),
+        spec(10, 4, layout="o2", chunk_sectors=128),
+        spec(10, 3, layout="n3", chunk_sectors=8),
+    ],
+    ids=["raid1", "raid10n2", "raid10f2", "raid10o2-64K", "raid10n3-4K"],
+)
+def test_minimum_member_size_is_exact(tmp_path: Path, s: CreateSpec) -> None:
+    """The minimum create reports is the smallest member it accepts, and the array it makes works."""
+    from llraid.create import minimum_member_sectors
+
+    low = minimum_member_sectors(s) * SECTOR
+    refused(members(tmp_path / "low", [low - SECTOR] * s.raid_devices), s, "too small")
+    paths = members(tmp_path / "ok", [low] * s.raid_devices)
+    create(paths, s)
+    with Array.assemble(paths, bitmap_threads=False) as a:
+        assert a.array_bytes > 0
+        a.write(0, b"\x5a" * a.array_bytes)
+        assert a.read(0, a.array_sectors) == b"\x5a" * a.array_bytes

@@ -32,8 +32,8 @@ class Raid10(MirrorPersonality):
 
     def check_roles(self, roles: set[int]) -> None:
         # Which members hold a chunk depends only on (chunk * near) mod raid_disks, so the
-        # first raid_disks chunks show every copy set the array has.
-        for chunk in range(self.geo.raid_disks):
+        # first raid_disks chunks show every copy set the array has (a tiny array has fewer).
+        for chunk in range(min(self.geo.raid_disks, self.geo.array_sectors // self.geo.chunk_sectors)):
             copies = self.geo.find_phys(chunk * self.geo.chunk_sectors)
             if not any(role in roles for role, _ in copies):
                 held = sorted({role for role, _ in copies})
