@@ -115,7 +115,7 @@ def cmd_examine_bitmap(args: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def _assembled(args: argparse.Namespace) -> Iterator[Assembly]:
     with open_members(args.devices) as members:
-        yield assemble(members, force=args.force)
+        yield assemble(members, force=args.force, need_bitmap=False)
 
 
 def cmd_cat(args: argparse.Namespace) -> int:
@@ -147,6 +147,8 @@ def cmd_create(args: argparse.Namespace) -> int:
     from llraid.format.superblock import format_uuid, parse_uuid
 
     if args.chunk is not None and args.level == 1:
+        if asm.bitmap_problem:
+            _error(f"warning: {asm.bitmap_problem}; reading the data without it (reads need no bitmap)")
         raise LlraidError("specifying chunk size is forbidden for raid1")
     chunk = 0 if args.level == 1 else (args.chunk or 512 * 1024)
     if chunk % 512:
