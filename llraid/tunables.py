@@ -76,7 +76,7 @@ TUNABLES: dict[str, Tunable] = {
             "sync_speed_max",
             Kind.RATE,
             RATE_LIMITS,
-            "resync/recovery/check speed limit, md's unit; K/M/G suffixes; applies from the next sync",
+            "resync/recovery/check speed; K/M/G suffixes (2M = 2048); applies from the next sync",
         ),
     )
 }
@@ -91,5 +91,9 @@ def tunable(name: str) -> Tunable:
 
 
 def help_text() -> str:
-    """One line per setting, for ``llraid set --help``."""
-    return "; ".join(f"{t.name}: {t.kind.value}, {t.range_text}, {t.help}" for t in TUNABLES.values())
+    """The settings, one per line, for ``llraid set --help``."""
+    width = max(len(n) for n in TUNABLES)
+    lines = ["settings (md's sysfs units: seconds, KiB/s):"]
+    for t in TUNABLES.values():
+        lines.append(f"  {t.name:<{width}}  {t.range_text}: {t.help}")
+    return "\n".join(lines)
