@@ -137,6 +137,7 @@ def find_member(rdevs: list[Rdev], name: str, serving: Callable[[int], Rdev | No
             return [d]
         return [d for d in rdevs if d.role == r and d.state is RdevState.FAULTY]  # failed, not removed
 
+    hits: list[Rdev] = []
     status = _STATUS_NAME.fullmatch(name)
     if status:
         base, role = status.group(1), status.group(2)
@@ -145,13 +146,14 @@ def find_member(rdevs: list[Rdev], name: str, serving: Callable[[int], Rdev | No
             for d in rdevs
             if os.path.basename(d.path) == base and (str(d.role) if d.role is not None else "-") == role
         ]
-    elif "/" in name:
-        hits = [d for d in rdevs if os.path.abspath(d.path) == os.path.normpath(name)]
-        if not hits and os.path.exists(name):
+    if "/" in name:
+        same = [d for d in rdevs if os.path.abspath(d.path) == os.path.normpath(name)]
+        if not same and os.path.exists(name):
             want = path_identity(name)
-            hits = [d for d in rdevs if d.device.fd >= 0 and d.device.identity() == want]
+            same = [d for d in rdevs if d.device.fd >= 0 and d.device.identity() == want]
+        hits += [d for d in same if d not in hits]
     else:
-        hits = [d for d in rdevs if os.path.basename(d.path) == name]
+        hits += [d for d in rdevs if os.path.basename(d.path) == name and d not in hits]
         if name.isascii() and name.isdigit():
             hits += [d for d in role_of(int(name)) if d not in hits]
     if len(hits) == 1:
@@ -458,13 +460,16 @@ class Service:
         present = {d.path for d in self.array.rdevs}
         gone = {p: r for p, r in self._former.items() if p not in present}
         status = _STATUS_NAME.fullmatch(name)
-        base, role = (status.group(1), status.group(2)) if status else (name, None)
-        hits = [
-            p
-            for p, r in gone.items()
-            if (os.path.basename(p) == base and role in (None, "-" if r is None else str(r)))
-            or (status is None and name.isascii() and name.isdigit() and r == int(name))
-        ]
+        hits: list[str] = []
+        if status:  # m1.img[1] as status showed it
+            base, role = status.group(1), status.group(2)
+            hits = [p for p, r in gone.items() if os.path.basename(p) == base and role == str(r)]
+        if not hits:  # a basename, or the role it had
+            hits = [
+                p
+                for p, r in gone.items()
+                if os.path.basename(p) == name or (name.isascii() and name.isdigit() and r == int(name))
+            ]
         if len(hits) == 1:
             return hits[0]
         if len(hits) > 1:

@@ -544,6 +544,33 @@ def test_ambiguous_member_names_are_refused(serve: ServeFactory, tmp_path: Path)
     assert llraid(s.rundir, "fail", "1", cwd="/").stdout == f"set {moved} faulty\n"
 
 
+def test_member_names_that_look_like_status_names() -> None:
+    """A file really named ``disk[1]`` is found by its name, and by ``disk[1][0]`` as status shows
+    it; while another member is ``disk`` in role 1, ``disk[1]`` is ambiguous."""
+    from types import SimpleNamespace
+    from typing import cast
+
+    from llraid.array import Rdev, RdevState
+    from llraid.export.service import find_member
+
+    dev = SimpleNamespace(fd=-1)
+    a = SimpleNamespace(path="/d/disk[1]", role=0, state=RdevState.IN_SYNC, device=dev)
+    b = SimpleNamespace(path="/d/disk", role=1, state=RdevState.IN_SYNC, device=dev)
+    rdevs = cast(list[Rdev], [a, b])
+    serving = {0: a, 1: b}.get
+
+    def find(name: str) -> object:
+        return find_member(rdevs, name, serving)  # type: ignore[arg-type]
+
+    with pytest.raises(LlraidError, match=r"'disk\[1\]' is ambiguous: it names /d/disk and /d/disk\[1\]"):
+        find("disk[1]")
+    assert find("disk[1][0]") is a
+    assert find("disk") is b and find("0") is a and find("/d/disk[1]") is a
+    b.role = 2
+    serving = {0: a, 2: b}.get
+    assert find("disk[1]") is a  # no disk in role 1: the file of that name
+
+
 # ---- 8. --json everywhere, --version ----
 
 
