@@ -35,15 +35,15 @@ def _size(text: str) -> int:
     try:
         return units.parse_size(text)
     except units.UnitError as e:
-        raise argparse.ArgumentTypeError(f"not a size: {e}") from None
+        raise argparse.ArgumentTypeError(f"not a size: {e.reason}") from None
 
 
 def _rate(text: str) -> int:
     """Bytes per second from md's KiB/s ('20480') or '20M' (per second)."""
     try:
-        return units.parse_rate(text, what="speed limit")
+        return units.parse_rate(text)
     except units.UnitError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        raise argparse.ArgumentTypeError(f"not a rate: {e.reason}") from None
 
 
 def _level(text: str) -> int:
@@ -58,7 +58,7 @@ def _kib_size(text: str) -> int:
     try:
         return units.parse_size(text, bare="K")
     except units.UnitError as e:
-        raise argparse.ArgumentTypeError(f"not a size: {e}") from None
+        raise argparse.ArgumentTypeError(f"not a size: {e.reason}") from None
 
 
 def _default_homehost() -> str | None:

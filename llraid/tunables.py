@@ -17,7 +17,8 @@ import enum
 from dataclasses import dataclass
 from fractions import Fraction
 
-from llraid.units import RATE_LIMITS, KiB, Limits, UnitError, format_number, parse_duration, parse_rate
+from llraid.errors import LlraidError
+from llraid.units import RATE_LIMITS, KiB, Limits, format_number, parse_duration, parse_rate
 
 DAY = 86400
 
@@ -86,7 +87,7 @@ def tunable(name: str) -> Tunable:
     t = TUNABLES.get(name)
     if t is None:
         shown = name if len(name) <= 64 else name[:64] + "..."
-        raise UnitError(f"unknown setting {shown!r} (settings: {', '.join(TUNABLES)})")
+        raise LlraidError(f"unknown setting {shown!r} (settings: {', '.join(TUNABLES)})")
     return t
 
 

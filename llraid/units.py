@@ -40,7 +40,12 @@ _MAX_TEXT = 64  # longer input is refused before any parsing
 
 
 class UnitError(LlraidError):
-    """A size, rate or duration that does not parse or is out of range."""
+    """A size, rate or duration that does not parse or is out of range: ``WHAT: REASON``, where
+    the reason quotes the text (the command line puts its own words before the reason)."""
+
+    def __init__(self, what: str, reason: str) -> None:
+        super().__init__(f"{what}: {reason}")
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -55,22 +60,22 @@ class Limits:
         if value == 0 and self.zero_ok:
             return
         if not self.low <= value <= self.high:
-            extra = " (or 0)" if self.zero_ok else ""
-            raise UnitError(f"{what} {text!r} is out of range: {show}{extra}")
+            extra = " or 0" if self.zero_ok else ""
+            raise UnitError(what, f"{text!r} is out of range ({show}{extra})")
 
 
 def _split(text: str, what: str, *, hex_ok: bool = False) -> tuple[Fraction, str]:
     if not isinstance(text, str) or len(text) > _MAX_TEXT:
-        raise UnitError(f"{what}: not a number: {str(text)[:_MAX_TEXT]!r}...")
+        raise UnitError(what, f"{str(text)[:_MAX_TEXT]!r}... is not a number")
     if text.strip().startswith("-"):
-        raise UnitError(f"{what} must not be negative: {text!r}")
+        raise UnitError(what, f"{text!r} must not be negative")
     m = _NUMBER.fullmatch(text)
     if m is None:
-        raise UnitError(f"{what}: not a number: {text!r}")
+        raise UnitError(what, f"{text!r} is not a number")
     num = m.group(1)
     if num[:2] in ("0x", "0X"):
         if not hex_ok:
-            raise UnitError(f"{what}: not a decimal number: {text!r}")
+            raise UnitError(what, f"{text!r} is not a decimal number")
         return Fraction(int(num, 16)), m.group(2).upper()
     value = Fraction(num)
     return value, m.group(2).upper()
@@ -82,10 +87,10 @@ def parse_size(text: str, *, what: str = "size", bare: str = "B", limits: Limits
     number, unit = _split(text, what, hex_ok=True)  # offsets are often written in hex
     scale = SIZE_UNITS.get(unit or bare.upper())
     if scale is None:
-        raise UnitError(f"{what}: unknown unit in {text!r} (B, S = 512 B, K, M, G, T)")
+        raise UnitError(what, f"unknown unit in {text!r} (B, S = 512 B, K, M, G, T)")
     value = number * scale
     if value.denominator != 1:
-        raise UnitError(f"{what} {text!r} is not a whole number of bytes")
+        raise UnitError(what, f"{text!r} is not a whole number of bytes")
     if limits is not None:
         limits.check(value, what, text, f"{limits.low}..{limits.high} bytes")
     return int(value)
@@ -99,7 +104,7 @@ def parse_rate(text: str, *, what: str = "rate", limits: Limits = RATE_LIMITS) -
     number, unit = _split(text, what)
     scale = RATE_UNITS.get(unit) if unit else KiB
     if scale is None:
-        raise UnitError(f"{what}: unknown unit in {text!r} (KiB/s if none; K, M, G per second)")
+        raise UnitError(what, f"unknown unit in {text!r} (KiB/s if none; K, M, G per second)")
     value = number * scale
     limits.check(value, what, text, f"{limits.low // KiB}..{limits.high // KiB} KiB/s")
     return int(value)  # whole bytes/s: a fraction of a byte per second means nothing
@@ -110,7 +115,7 @@ def parse_duration(text: str, *, what: str = "duration", limits: Limits) -> floa
     number, unit = _split(text, what)
     scale = DURATION_UNITS.get(unit) if unit else Fraction(1)
     if scale is None:
-        raise UnitError(f"{what}: unknown unit in {text!r} (seconds; s or ms)")
+        raise UnitError(what, f"unknown unit in {text!r} (seconds; s or ms)")
     value = number * scale
     limits.check(value, what, text, f"{format_number(limits.low)}..{format_number(limits.high)} seconds")
     return float(value)

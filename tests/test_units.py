@@ -9,6 +9,7 @@ import pytest
 
 from llraid import units
 from llraid.cli import main
+from llraid.errors import LlraidError
 from llraid.tunables import TUNABLES, tunable
 from llraid.units import KiB, Limits, MiB, UnitError, parse_duration, parse_rate, parse_size
 
@@ -130,7 +131,7 @@ def test_every_setting_has_a_unit_a_range_and_help() -> None:
     assert tunable("sync_speed_max").show(2 * MiB) == "2048"  # shown in KiB/s, as md's sysfs
     assert tunable("daemon_sleep").show(tunable("daemon_sleep").parse("250ms")) == "0.25"
     assert tunable("barrier_idle").parse("0") == 0  # md allows it: idle pages clean at once
-    with pytest.raises(UnitError, match="unknown setting 'x' \\(settings: daemon_sleep, "):
+    with pytest.raises(LlraidError, match="unknown setting 'x' \\(settings: daemon_sleep, "):
         tunable("x")
     for t in TUNABLES.values():
         assert t.help and t.range_text

@@ -371,7 +371,7 @@ def test_get_and_set(serve: ServeFactory, members: list[str]) -> None:
     assert s.ctl("set", "sync_speed_max", "0") == "sync_speed_max 0"
     out = llraid(rd, "set", "daemon_sleep", "0", check=False)
     assert out.returncode == 1 and out.stdout == ""
-    assert out.stderr == "llraid: daemon_sleep '0' is out of range: 0.01..86400 seconds\n"
+    assert out.stderr == "llraid: daemon_sleep: '0' is out of range (0.01..86400 seconds)\n"
     for args, msg in [
         (["daemon_sleep", "-3"], "must not be negative"),
         (["barrier_idle", "soon"], "not a number"),
