@@ -253,6 +253,29 @@ def test_md_thread_that_dies_stops_the_service_cleanly(
     assert crashed._closed and list(rundir.iterdir()) == []
 
 
+def test_a_failing_stop_still_removes_the_runtime_files(
+    crashed: Array, monkeypatch: pytest.MonkeyPatch, rundir: Path
+) -> None:
+    """A stop that fails (a member gone bad at the last superblock write) reports the error and
+    still removes the sockets and the registry entry (they were once left behind: the removal
+    came after the stop in the same finally block)."""
+    from llraid.array import IOFailure
+
+    real_stop = crashed.stop
+    failed: list[bool] = []
+
+    def failing_stop() -> None:
+        if not failed:  # once: the fixture's teardown stops it for real
+            failed.append(True)
+            raise IOFailure("no member's superblock could be written")
+        real_stop()
+
+    monkeypatch.setattr(crashed, "stop", failing_stop)
+    with pytest.raises(IOFailure, match="no member's superblock"):
+        serve_in_process(Service(crashed), lambda s: None)
+    assert list(rundir.iterdir()) == []
+
+
 # ---- 3. the runtime directory and the control socket ----
 
 
