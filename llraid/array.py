@@ -342,6 +342,11 @@ class Array:
     def in_sync(self) -> bool:
         return self._in_sync
 
+    @property
+    def closed(self) -> bool:
+        """Stopped (or crashed): its members are closed."""
+        return self._closed
+
     def active(self) -> list[Rdev]:
         """Members in a slot and in sync."""
         return [d for d in self.rdevs if d.state is RdevState.IN_SYNC]

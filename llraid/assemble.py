@@ -61,6 +61,7 @@ class Assembly:
     spares: list[Member] = field(default_factory=list)
     bitmap_sb: BitmapSuper | None = None
     faulty: list[Member] = field(default_factory=list)
+    bitmap_problem: str | None = None  # why the bitmap could not be read, when it was not needed
 
     @property
     def uuid(self) -> str:
@@ -121,8 +122,11 @@ def _geometry_key(sb: Superblock1) -> tuple[int, ...]:
     return (sb.level, sb.layout, sb.chunksize, sb.raid_disks, sb.size)
 
 
-def assemble(members: Sequence[Member], *, force: bool = False) -> Assembly:
-    """Validate members and decide roles; see the module docstring for the rules."""
+def assemble(members: Sequence[Member], *, force: bool = False, need_bitmap: bool = True) -> Assembly:
+    """Validate members and decide roles; see the module docstring for the rules.
+
+    ``need_bitmap=False`` (reading the data): a bitmap that cannot be read is reported in
+    ``bitmap_problem`` instead of refusing the array; reads never use the bitmap."""
     if not members:
         raise AssemblyError("no members given")
     for m in members:
@@ -174,10 +178,16 @@ def assemble(members: Sequence[Member], *, force: bool = False) -> Assembly:
     personality.check_roles(usable)
 
     bitmap_sb = None
+    bitmap_problem = None
     if ref.has_bitmap:
-        bitmap_sb = _load_bitmap_sb(fresh, force=force)
+        try:
+            bitmap_sb = _load_bitmap_sb(fresh, force=force and need_bitmap)
+        except FormatError as e:
+            if need_bitmap:
+                raise
+            bitmap_problem = str(e)
 
-    asm = Assembly(ref, personality, slots, list(members), stale, spares, bitmap_sb, faulty)
+    asm = Assembly(ref, personality, slots, list(members), stale, spares, bitmap_sb, faulty, bitmap_problem)
     if ref.level in (4, 5, 6) and asm.degraded and not ref.is_clean and not force:
         raise AssemblyError(
             f"degraded {level_name(ref.level)} that was not shut down cleanly: parity may be stale, so "

@@ -16,29 +16,37 @@ import stat
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from llraid import logs
-from llraid.assemble import Assembly, assemble, check_member
+from llraid import logs, units
 from llraid.errors import LlraidError
-from llraid.examine import examine_bitmap, examine_bitmap_text, examine_json, examine_text
-from llraid.member import Member, open_member
+
+# The heavy modules (numpy through the personalities) are imported where they are used, so that
+# `llraid` reaches main()'s KeyboardInterrupt handling within milliseconds of starting: a Ctrl-C
+# during a slow import would otherwise print a traceback.
+if TYPE_CHECKING:
+    from llraid.assemble import Assembly
+    from llraid.member import Member
 
 EXIT_ERROR = 1
+MEMBER_HELP = "a path, its basename, its role number, or NAME[ROLE] as status prints it"
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 def _size(text: str) -> int:
-    """Bytes from '4096', '64K', '1M', '2G', '1T' (binary units, as mdadm)."""
-    units = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "S": 512}
-    t = text.strip().upper().removesuffix("IB")
-    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    """Bytes from '4096', '64K', '1.5M', '2G', '1T', '8S' (binary units, as mdadm)."""
     try:
-        value = int(num, 0) * units[unit]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"size must not be negative: {text!r}")
-    return value
+        return units.parse_size(text)
+    except units.UnitError as e:
+        raise argparse.ArgumentTypeError(f"not a size: {e.reason}") from None
+
+
+def _rate(text: str) -> int:
+    """Bytes per second from md's KiB/s ('20480') or '20M' (per second)."""
+    try:
+        return units.parse_rate(text)
+    except units.UnitError as e:
+        raise argparse.ArgumentTypeError(f"not a rate: {e.reason}") from None
 
 
 def _level(text: str) -> int:
@@ -55,8 +63,10 @@ def _level(text: str) -> int:
 
 def _kib_size(text: str) -> int:
     """mdadm sizes: a bare number is KiB."""
-    t = text.strip()
-    return _size(t + "K") if t.isdigit() else _size(t)
+    try:
+        return units.parse_size(text, bare="K")
+    except units.UnitError as e:
+        raise argparse.ArgumentTypeError(f"not a size: {e.reason}") from None
 
 
 def _default_homehost() -> str | None:
@@ -65,6 +75,8 @@ def _default_homehost() -> str | None:
 
 @contextlib.contextmanager
 def open_members(paths: Sequence[str]) -> Iterator[list[Member]]:
+    from llraid.member import open_member
+
     members: list[Member] = []
     try:
         for p in paths:
@@ -81,6 +93,8 @@ def _print_json(obj: Any) -> None:
 
 
 def cmd_examine(args: argparse.Namespace) -> int:
+    from llraid.examine import examine_json, examine_text
+
     rc = 0
     out: list[dict[str, Any]] = []
     for path in args.devices:
@@ -102,6 +116,9 @@ def cmd_examine(args: argparse.Namespace) -> int:
 
 
 def cmd_examine_bitmap(args: argparse.Namespace) -> int:
+    from llraid.assemble import check_member
+    from llraid.examine import examine_bitmap, examine_bitmap_text
+
     rc = 0
     out: list[dict[str, Any]] = []
     for path in args.devices:
@@ -123,8 +140,10 @@ def cmd_examine_bitmap(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _assembled(args: argparse.Namespace) -> Iterator[Assembly]:
+    from llraid.assemble import assemble
+
     with open_members(args.devices) as members:
-        yield assemble(members, force=args.force)
+        yield assemble(members, force=args.force, need_bitmap=False)
 
 
 def cmd_cat(args: argparse.Namespace) -> int:
@@ -152,6 +171,8 @@ def cmd_cat(args: argparse.Namespace) -> int:
             )
         for m in asm.stale:
             _error(f"{m.path} is stale (events {m.sb.events} < {asm.sb.events}): not used")
+        if asm.bitmap_problem:
+            _error(f"warning: {asm.bitmap_problem}; reading the data without it (reads need no bitmap)")
         if args.output:
             # the array's data: private to its owner, like the members
             with open(args.output, "wb", opener=lambda p, fl: os.open(p, fl, 0o600)) as f:
@@ -340,7 +361,12 @@ def cmd_sync(args: argparse.Namespace) -> int:
         and not os.path.exists(args.devices[0])
     ):
         # `llraid sync check|repair|idle`: act on the running array, like md's sync_action
-        print(_control(args, "sync", [args.devices[0]] + (["--unwritten"] if args.unwritten else [])))
+        cargs = [args.devices[0]] + (["--unwritten"] if args.unwritten else [])
+        result = _control(args, "sync", cargs)
+        if args.json:
+            _print_json(_as_json("sync", cargs, result))
+        else:
+            print(result)
         return 0
     if args.unwritten and args.mode not in ("check", "repair"):
         raise LlraidError("--unwritten audits with --mode check or --mode repair")
@@ -476,39 +502,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from llraid.array import Array
-    from llraid.export.service import Service
+    from llraid.export.service import Service, prepare_runtime_dir
 
     # What happens before the service is up (assembly) is told only if it comes up: a serve
     # that fails says why in one error line.
     listen = _hostport(args.listen) if args.listen else None
+    prepare_runtime_dir()  # an unsafe runtime directory is refused before the members are touched
     held = logs.setup()
     held.hold()
     try:
         array = Array.assemble(args.devices, run=args.run, force=args.force, readonly=args.readonly)
-        service = Service(
-            array, socket_path=args.socket, listen=listen, readonly=args.readonly, name=args.name
-        )
     except BaseException:
         held.drop()
         raise
-
-    def ready(s: Service) -> None:
-        held.replay()
-        print(
-            f"llraid: serving {array.uuid} (raid{array.level}, {array.array_bytes} bytes) at {s.uri}",
-            flush=True,
-        )
-        print(f"llraid: control socket {s.control_path}", flush=True)
-
     try:
+        service = Service(
+            array, socket_path=args.socket, listen=listen, readonly=args.readonly, name=args.name
+        )
+
+        def ready(s: Service) -> None:
+            held.replay()
+            print(
+                f"llraid: serving {array.uuid} (raid{array.level}, {array.array_bytes} bytes) at {s.uri}",
+                flush=True,
+            )
+            print(f"llraid: control socket {s.control_path}", flush=True)
+
         asyncio.run(service.run(on_ready=ready))
     except BaseException:
         try:
-            if not array._closed:
+            if not array.closed:
                 array.stop()
         finally:
             held.drop()  # (a no-op once the service was up: its messages went out as they came)
         raise
+    if not service.ready:  # SIGINT or SIGTERM before it served anything: stopped, nothing to say
+        return EXIT_INTERRUPTED
     print("llraid: stopped cleanly", flush=True)
     return 0
 
@@ -550,23 +579,88 @@ def _control(args: argparse.Namespace, cmd: str, cargs: list[str] | None = None)
     return control_request(info["control"], cmd, cargs)
 
 
+def _member_arg(name: str) -> str:
+    """A member name as the server should see it: a path is the caller's, so it is made absolute
+    here (the server runs elsewhere); a bare name that is no file here (``m1.img``, ``1``,
+    ``m1.img[1]``) is left for the server to match against the names it shows."""
+    if "/" in name or os.path.exists(name):
+        return os.path.abspath(name)
+    return name
+
+
+def _new_device(path: str) -> str:
+    """A device to bring in (add, replace --with): it must exist here."""
+    if not os.path.exists(path):
+        raise LlraidError(f"{path}: no such file or device")
+    return os.path.abspath(path)
+
+
 def cmd_control(args: argparse.Namespace) -> int:
+    from llraid.tunables import tunable
+
+    cmd = args.control_cmd
     cargs = list(getattr(args, "targets", None) or [])
-    if args.command in ("set",):
-        cargs = [args.name, args.value]
-    elif args.command == "replace":
-        cargs.append(args.new)
-    if args.command in ("fail", "remove", "re-add", "add", "replace"):
-        # the server runs elsewhere: member paths are resolved here, in the caller's directory
-        cargs = [os.path.abspath(a) if os.path.exists(a) else a for a in cargs]
-    result = _control(args, args.control_cmd, cargs)
-    if args.command in ("detail",) and not args.json:
+    if cmd in ("set", "get"):
+        t = tunable(args.name)  # checked here too: a bad value is refused with no array running
+        if cmd == "set":
+            t.parse(args.value)
+        cargs = [args.name] + ([args.value] if cmd == "set" else [])
+    elif cmd == "add":
+        cargs = [_new_device(cargs[0])]
+    elif cmd == "re-add":
+        cargs = [_member_arg(cargs[0])]
+    elif cmd in ("fail", "remove", "replace"):
+        cargs = [_member_arg(cargs[0])]
+        if cmd == "replace":
+            cargs.append(_new_device(args.new))
+    result = _control(args, cmd, cargs)
+    if args.json:
+        _print_json(_as_json(cmd, cargs, result))
+    elif cmd == "detail":
         print(_detail_text(result))
     elif isinstance(result, str):
-        print(result, end="" if result.endswith("\n") else "\n")
+        _print_text(result)
     else:
         _print_json(result)
     return 0
+
+
+def _as_json(cmd: str, cargs: list[str], result: Any) -> Any:
+    """What ``--json`` prints for a control command: the server's data where it sends data, the
+    sysfs-like views (bits, metadata) as objects, a setting with its number, else the message."""
+    if not isinstance(result, str):
+        return result
+    if cmd in ("bits", "metadata"):
+        return _view_json(result)
+    if cmd in ("get", "set"):
+        name, _, value = (f"{cargs[0]} {result}" if cmd == "get" else result).partition(" ")
+        return {"name": name, "value": _number(value)}
+    return {"command": cmd, "result": result}
+
+
+def _view_json(text: str) -> dict[str, Any]:
+    """``name value`` lines (md's sysfs style) as an object; numbers as numbers."""
+    body = text.strip()
+    if body in ("no bitmap", "bitmap io error"):
+        return {"error": body}
+    out: dict[str, Any] = {}
+    for line in body.splitlines():
+        name, _, value = line.rpartition(" ")
+        out[name or value] = _number(value)
+    return out
+
+
+def _number(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _print_text(text: str) -> None:
+    print(text, end="" if text.endswith("\n") else "\n")
 
 
 def _detail_text(d: dict[str, Any]) -> str:
@@ -608,8 +702,18 @@ def _detail_text(d: dict[str, Any]) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     from llraid.export.service import control_request, running_arrays
 
+    arrays = running_arrays()
+    if args.json:
+        out: list[dict[str, Any]] = []
+        for info in arrays:
+            try:
+                out.append(control_request(info["control"], "status", timeout=5))
+            except LlraidError as e:
+                out.append({"uuid": info["uuid"], "error": f"not answering ({e})"})
+        _print_json(out)
+        return 0
     print("Personalities : [raid1] [raid10]")
-    for info in running_arrays():
+    for info in arrays:
         try:
             s = control_request(info["control"], "status", timeout=5)
         except LlraidError as e:
@@ -817,7 +921,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="resync (what is needed), check, repair, or proactive (raid4/5/6 with llbitmap: build "
         "the parity of every never-written chunk now)",
     )
-    sy.add_argument("--speed-limit", type=_size, default=0, help="bytes per second (K/M suffixes)")
+    sy.add_argument(
+        "--speed-limit",
+        type=_rate,
+        default=0,
+        help="as md's sync_speed_max: KiB/s, or with K/M/G per second (20M = 20 MiB/s); 0 = no limit",
+    )
     sy.add_argument("--json", action="store_true")
     sy.add_argument(
         "--unwritten",
@@ -840,16 +949,16 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=cmd_serve)
 
     st = sub.add_parser("status", help="running arrays, like /proc/mdstat")
+    st.add_argument("--json", action="store_true", help="every running array's status as JSON")
     st.set_defaults(func=cmd_status)
 
-    def control(
-        name: str, cmd: str, help: str, nargs: int | None = None, metavar: str = "DEV"
-    ) -> argparse.ArgumentParser:
+    def control(name: str, cmd: str, help: str, nargs: int | None = None) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help)
         if nargs:
-            c.add_argument("targets", nargs=nargs, metavar=metavar)
+            what = "DEV" if cmd == "add" else "MEMBER"
+            c.add_argument("targets", nargs=nargs, metavar=what, help=None if cmd == "add" else MEMBER_HELP)
         c.add_argument("--array", default=None, help="UUID (prefix) or name of the running array")
-        c.add_argument("--json", action="store_true")
+        c.add_argument("--json", action="store_true", help="print the result as JSON")
         c.set_defaults(func=cmd_control, control_cmd=cmd)
         return c
 
@@ -863,10 +972,15 @@ def build_parser() -> argparse.ArgumentParser:
     control("bits", "bits", "the bitmap's sysfs 'bits' view")
     control("metadata", "metadata", "the bitmap's sysfs 'metadata' view")
     control("stop", "stop", "stop the running array cleanly")
-    se = control("set", "set", "set daemon_sleep, barrier_idle, safe_mode_delay or sync_speed_max")
-    se.add_argument("name")
-    se.add_argument("value")
-    control("get", "get", "read daemon_sleep, barrier_idle, safe_mode_delay or sync_speed_max", 1, "NAME")
+    from llraid.tunables import TUNABLES, help_text
+
+    se = control("set", "set", "change a setting of the running array (md's sysfs units)")
+    se.formatter_class = argparse.RawDescriptionHelpFormatter
+    se.epilog = help_text()
+    se.add_argument("name", metavar="NAME", help="a setting (below)")
+    se.add_argument("value", metavar="VALUE", help="seconds (0.5, 250ms) or KiB/s (20480, 20M)")
+    ge = control("get", "get", "read a setting: " + ", ".join(TUNABLES) + " (seconds or KiB/s)")
+    ge.add_argument("name", metavar="NAME")
     sy.add_argument("--array", default=None, help="with check|repair|idle: the running array")
 
     qs = sub.add_parser(
@@ -913,10 +1027,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logs.setup()
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
+        return version("llraid")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # File names that are not UTF-8 reach us as surrogate escapes (argv, os.listdir); print them
+    # back as the bytes they were instead of failing with UnicodeEncodeError.
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")
+    try:
+        parser = build_parser()
+        parser.add_argument("--version", action="version", version=f"llraid {_version()}")
+        args = parser.parse_args(argv)
+        logs.setup()
         rc: int = args.func(args)
         return rc
     except LlraidError as e:
@@ -931,7 +1061,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(_os_error_text(e))
         return EXIT_ERROR
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -110,13 +110,26 @@ def test_unknown_superblock_version(raid1: list[Path], capsys: pytest.CaptureFix
         assert rc == 1 and "unknown md superblock major version 2" in one_error_line(err)
 
 
-def test_unknown_bitmap_version(raid1: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_unknown_bitmap_version(
+    raid1: list[Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A bitmap superblock llraid cannot read is refused where the bitmap matters; ``cat`` reads
+    the data anyway, with a warning (reads never use the bitmap; it once refused unless --force)."""
+    good = tmp_path / "good.bin"
+    assert run(capsys, "cat", *map(str, raid1), "-o", str(good))[0] == 0
     patch(raid1[0], BITMAP_AT + 4, struct.pack("<I", 9))
     patch(raid1[1], BITMAP_AT + 4, struct.pack("<I", 9))
+    before = [digest(p) for p in raid1]
     rc, _, err = run(capsys, "examine-bitmap", str(raid1[0]))
     assert rc == 1 and "unknown bitmap version 9" in one_error_line(err)
-    rc, _, err = run(capsys, "cat", *map(str, raid1), "-o", "/dev/null")
+    rc, _, err = run(capsys, "write", *map(str, raid1), "-i", "/dev/null")
     assert rc == 1 and "unknown bitmap version 9" in one_error_line(err)
+    out = tmp_path / "out.bin"
+    rc, _, err = run(capsys, "cat", *map(str, raid1), "-o", str(out))
+    assert rc == 0
+    assert one_error_line(err).startswith("llraid: warning: ") and "unknown bitmap version 9" in err
+    assert out.read_bytes() == good.read_bytes()
+    assert [digest(p) for p in raid1] == before
 
 
 def test_too_few_members_cli(
