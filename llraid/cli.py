@@ -1013,7 +1013,11 @@ def build_parser() -> argparse.ArgumentParser:
     to = sub.add_parser("torture", help="randomised power cuts and member faults; proves nothing is lost")
     to.add_argument("--runs", type=int, default=100)
     to.add_argument("--seed", type=int, default=1)
-    to.add_argument("--level", action="append", help="raid1, raid10n2, raid10f2, raid10o2 (repeatable)")
+    to.add_argument(
+        "--level",
+        action="append",
+        help="raid1, raid10n2, raid10f2, raid10o2, raid5, raid5x4 or raid4 (repeatable)",
+    )
     to.add_argument("--bitmap", action="append", help="none, classic, lockless (repeatable)")
     to.add_argument("--json", action="store_true")
     to.set_defaults(func=cmd_torture)
