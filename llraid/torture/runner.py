@@ -71,7 +71,8 @@ from llraid.torture.simdev import CutPlan, CutReport, Fault, Layout, SimWorld
 
 MiB = 1 << 20
 MIRROR_LEVELS = ("raid1", "raid10n2", "raid10f2", "raid10o2")
-# raid5: left-symmetric on 3 members, raid5x4 on 4; raid4: parity on the last of 3 or 4
+# raid5: left-symmetric on 3 members, raid5x4 on 4; raid4: parity on the last of 3 to 5 (with 4
+# data blocks a one-block write is a read-modify-write; with fewer, reconstruct-write reads less)
 PARITY_LEVELS = ("raid5", "raid5x4", "raid4")
 LEVELS = MIRROR_LEVELS + PARITY_LEVELS
 BITMAPS = ("none", "classic", "lockless")
@@ -167,7 +168,7 @@ class _Stop(Exception):
 def _geometry(cfg: Config, rng: random.Random) -> tuple[int, int, str | None, int]:
     """``(level, disks, layout, chunk_sectors)``."""
     if cfg.level in PARITY_LEVELS:
-        disks = {"raid5": 3, "raid5x4": 4}.get(cfg.level) or rng.choice([3, 4])
+        disks = {"raid5": 3, "raid5x4": 4}.get(cfg.level) or rng.choice([3, 4, 5, 5])
         level, layout = (4, None) if cfg.level == "raid4" else (5, "ls")
         return level, disks, layout, rng.choice([16, 128, 1024])
     if cfg.level == "raid1":
