@@ -70,13 +70,25 @@ class BenchConfig:
     dirty_percent: float = 10.0
     nbd: bool = True
     raid5: bool = True
+    raid5_member_bytes: int | None = None  # None: member_bytes
+    raid5_seconds: float | None = None  # per raid5 measurement; None: seconds
 
     @classmethod
     def quick(cls) -> BenchConfig:
+        # raid5 smaller and shorter still: its members are allocated afresh for every measurement
         return cls(
             member_bytes=512 << 20, threads=16, iodepth=16, seconds=1.0, rounds=3,
             fresh_member_bytes=64 << 20, sync_member_bytes=64 << 20,
+            raid5_member_bytes=64 << 20, raid5_seconds=0.4,
         )  # fmt: skip
+
+    @property
+    def r5_member_bytes(self) -> int:
+        return self.raid5_member_bytes or self.member_bytes
+
+    @property
+    def r5_seconds(self) -> float:
+        return self.raid5_seconds or self.seconds
 
 
 @dataclass
@@ -309,7 +321,7 @@ def seq_threads(cfg: BenchConfig) -> int:
 
 def run_raid5(cfg: BenchConfig, kind: BitmapKind, seed: int) -> tuple[LoadResult, LoadResult]:
     """raid5 on RAM members: 4 KiB random writes, then 1 MiB full-stripe sequential writes."""
-    mem = MemMembers(RAID5_DISKS, cfg.member_bytes)
+    mem = MemMembers(RAID5_DISKS, cfg.r5_member_bytes)
     try:
         array = make_array(mem.paths, kind, assume_clean=True, level=5)
         try:
@@ -318,13 +330,14 @@ def run_raid5(cfg: BenchConfig, kind: BitmapKind, seed: int) -> tuple[LoadResult
             def member_read() -> int:
                 return sum(array.counters.member_read.values())
 
-            random_writes(array.write, sectors, cfg.threads, cfg.seconds / 3, seed + 7)
+            seconds = cfg.r5_seconds
+            random_writes(array.write, sectors, cfg.threads, seconds / 3, seed + 7)
             r0, t0 = member_read(), time.perf_counter()
-            ops = random_writes(array.write, sectors, cfg.threads, cfg.seconds, seed)
+            ops = random_writes(array.write, sectors, cfg.threads, seconds, seed)
             rand = LoadResult(kind.value, ops, time.perf_counter() - t0, member_read=member_read() - r0)
             # full stripes read nothing: member_read stays 0 (the JSON shows it)
             r0, t0 = member_read(), time.perf_counter()
-            ops = sequential_writes(array.write, sectors, seq_threads(cfg), cfg.seconds, SEQ_IO)
+            ops = sequential_writes(array.write, sectors, seq_threads(cfg), seconds, SEQ_IO)
             seq = LoadResult(kind.value, ops, time.perf_counter() - t0, SEQ_IO, member_read() - r0)
             return rand, seq
         finally:
@@ -334,7 +347,7 @@ def run_raid5(cfg: BenchConfig, kind: BitmapKind, seed: int) -> tuple[LoadResult
 
 
 def run_raw_seq(cfg: BenchConfig) -> LoadResult:
-    mem = MemMembers(1, cfg.member_bytes)
+    mem = MemMembers(1, cfg.r5_member_bytes)
     try:
         fd = mem.fds[0]
 
@@ -342,7 +355,8 @@ def run_raw_seq(cfg: BenchConfig) -> LoadResult:
             os.pwrite(fd, data, sector * SECTOR)
 
         t0 = time.perf_counter()
-        ops = sequential_writes(write, cfg.member_bytes // SECTOR, seq_threads(cfg), cfg.seconds, SEQ_IO)
+        sectors = cfg.r5_member_bytes // SECTOR
+        ops = sequential_writes(write, sectors, seq_threads(cfg), cfg.r5_seconds, SEQ_IO)
         return LoadResult("raw", ops, time.perf_counter() - t0, SEQ_IO)
     finally:
         mem.close()

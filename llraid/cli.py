@@ -754,11 +754,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.iodepth:
         cfg.iodepth = args.iodepth
     if args.seconds:
-        cfg.seconds = args.seconds
+        cfg.seconds, cfg.raid5_seconds = args.seconds, None
     if args.rounds:
         cfg.rounds = args.rounds
     if args.member_size:
-        cfg.member_bytes = args.member_size
+        cfg.member_bytes, cfg.raid5_member_bytes = args.member_size, None
     cfg.nbd = not args.no_nbd
     cfg.raid5 = not args.no_raid5
     if args.json:
