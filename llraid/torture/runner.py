@@ -891,11 +891,21 @@ class _Run:
                 break
             world.phase = kind.value
             logging = kind is SyncKind.RESYNC and isinstance(bm, LocklessBitmap)
+            allowed = set(marked)
+            if logging and self.parity:
+                # raid456: a recovery that ends non-degraded "infects" the Unwritten chunks of a
+                # block holding Dirty ones into NeedSync (a lazy parity build, md-llbitmap's
+                # rule), so a resync after it may build those too: what the bitmap marks when the
+                # resync starts (and, degraded, its Dirty chunks, which md syncs then) is allowed
+                assert isinstance(bm, LocklessBitmap)
+                now = bm.states[DATA_OFFSET : DATA_OFFSET + bm.chunks]
+                due = [LLState.NEED_SYNC, LLState.SYNCING] + ([LLState.DIRTY] if array.is_degraded() else [])
+                allowed |= {int(c) for c in np.flatnonzero(np.isin(now, due))}
             world.set_logging(logging)
             stats = run_sync(array, kind)
             if logging:
                 assert isinstance(bm, LocklessBitmap)
-                outside = self._touched(array, world) - marked
+                outside = self._touched(array, world) - allowed
                 res.resync_outside += len(outside)
                 if outside:
                     res.errors.append(f"resync touched unmarked llbitmap chunks {sorted(outside)[:5]}")
