@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from llraid.device import SECTOR
-from llraid.errors import AssemblyError, ChecksumError, FormatError
+from llraid.errors import AssemblyError, ChecksumError, DirtyDegradedError, FormatError
 from llraid.format.bitmap import BitmapSuper
 from llraid.format.superblock import ROLE_FAULTY, ROLE_MAX, Feature, Superblock1, format_uuid
 from llraid.member import Member
@@ -78,6 +78,13 @@ class Assembly:
     @property
     def degraded(self) -> bool:
         return any(r not in self.slots for r in range(self.sb.raid_disks))
+
+    @property
+    def fully_in_sync(self) -> bool:
+        """Every role has a member in sync over the whole component (none still being recovered)."""
+        return all(
+            r in self.slots and self.slots[r].in_sync_below >= self.sb.size for r in range(self.sb.raid_disks)
+        )
 
     # MemberIO, for the personality
     def available(self, role: int, sector: int, count: int) -> bool:
@@ -188,8 +195,11 @@ def assemble(members: Sequence[Member], *, force: bool = False, need_bitmap: boo
             bitmap_problem = str(e)
 
     asm = Assembly(ref, personality, slots, list(members), stale, spares, bitmap_sb, faulty, bitmap_problem)
-    if ref.level in (4, 5, 6) and asm.degraded and not ref.is_clean and not force:
-        raise AssemblyError(
+    # md's raid5_run counts a member still being recovered as missing (it is not In_sync): above
+    # its recovery offset its blocks, too, can only be rebuilt from parity the crash may have left
+    # stale
+    if ref.level in (4, 5, 6) and not asm.fully_in_sync and not ref.is_clean and not force:
+        raise DirtyDegradedError(
             f"degraded {level_name(ref.level)} that was not shut down cleanly: parity may be stale, so "
             "rebuilt data could be wrong (use --force to read anyway)"
         )

@@ -13,6 +13,11 @@ Also measured:
   fio is installed;
 * **resync / recovery**: after a crash with x% of the array written since the last clean point,
   and after a re-add with x% written while degraded: bytes synced and seconds per bitmap.
+* **raid5**: left-symmetric over three RAM members with 512 KiB chunks (a stripe row holds
+  1 MiB of data), created ``--assume-clean``: the same 4 KiB random writes (each one a
+  reconstruct-write: one member read, data and parity written), 1 MiB sequential writes
+  aligned to whole rows (full stripes: parity from the new data, nothing read), and resync /
+  recovery as above; none / classic / lockless interleaved in the same rounds.
 
 Python's GIL serialises the engine, so absolute numbers are far below the kernel's; the ratios
 are what compares with the kernel's table (none 6893 MiB/s, lockless 6734 (0.977), classic 1786
@@ -47,6 +52,10 @@ from llraid.sync import run_sync, sync_until_idle
 
 KINDS = (BitmapKind.NONE, BitmapKind.CLASSIC, BitmapKind.LOCKLESS)
 IO = 4096
+RAID5_DISKS = 3  # with 512 KiB chunks a stripe row is 1 MiB of data: SEQ_IO writes are full stripes
+CHUNK_SECTORS = 1024
+SEQ_IO = 1 << 20
+assert SEQ_IO == CHUNK_SECTORS * SECTOR * (RAID5_DISKS - 1), "sequential writes must be whole stripe rows"
 
 
 @dataclass
@@ -60,13 +69,26 @@ class BenchConfig:
     sync_member_bytes: int = 256 << 20
     dirty_percent: float = 10.0
     nbd: bool = True
+    raid5: bool = True
+    raid5_member_bytes: int | None = None  # None: member_bytes
+    raid5_seconds: float | None = None  # per raid5 measurement; None: seconds
 
     @classmethod
     def quick(cls) -> BenchConfig:
+        # raid5 smaller and shorter still: its members are allocated afresh for every measurement
         return cls(
             member_bytes=512 << 20, threads=16, iodepth=16, seconds=1.0, rounds=3,
             fresh_member_bytes=64 << 20, sync_member_bytes=64 << 20,
+            raid5_member_bytes=64 << 20, raid5_seconds=0.4,
         )  # fmt: skip
+
+    @property
+    def r5_member_bytes(self) -> int:
+        return self.raid5_member_bytes or self.member_bytes
+
+    @property
+    def r5_seconds(self) -> float:
+        return self.raid5_seconds or self.seconds
 
 
 @dataclass
@@ -74,6 +96,8 @@ class LoadResult:
     kind: str
     ops: int
     seconds: float
+    io: int = IO  # bytes per write
+    member_read: int | None = None  # bytes the array read from its members meanwhile (raid5)
 
     @property
     def iops(self) -> float:
@@ -81,7 +105,33 @@ class LoadResult:
 
     @property
     def mib_s(self) -> float:
-        return self.iops * IO / (1 << 20)
+        return self.iops * self.io / (1 << 20)
+
+
+def medians(results: list[LoadResult], raw: list[LoadResult]) -> dict[str, dict[str, float]]:
+    """Median MiB/s and IOPS per bitmap over the rounds, with ratios to none and to raw."""
+    out: dict[str, dict[str, float]] = {}
+    raw_mib = statistics.median(r.mib_s for r in raw) if raw else 0.0
+    for kind in KINDS:
+        rs = [r for r in results if r.kind == kind.value]
+        if not rs:
+            continue
+        out[kind.value] = {
+            "mib_s": statistics.median(r.mib_s for r in rs),
+            "iops": statistics.median(r.iops for r in rs),
+        }
+    none = out.get("none", {}).get("mib_s", 0.0)
+    for v in out.values():
+        v["ratio_to_none"] = v["mib_s"] / none if none else 0.0
+        v["ratio_to_raw"] = v["mib_s"] / raw_mib if raw_mib else 0.0
+    if raw_mib:
+        out["raw"] = {
+            "mib_s": raw_mib,
+            "iops": statistics.median(r.iops for r in raw),
+            "ratio_to_none": raw_mib / none if none else 0.0,
+            "ratio_to_raw": 1.0,
+        }
+    return out
 
 
 @dataclass
@@ -93,48 +143,61 @@ class Report:
     fresh: list[LoadResult] = field(default_factory=list)
     nbd: list[dict[str, Any]] = field(default_factory=list)
     sync: list[dict[str, Any]] = field(default_factory=list)
+    raid5_random: list[LoadResult] = field(default_factory=list)
+    raid5_seq: list[LoadResult] = field(default_factory=list)
+    raw_seq: list[LoadResult] = field(default_factory=list)  # 1 MiB sequential to one member
+    raid5_sync: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """Median MiB/s and IOPS per bitmap, with ratios to none and raw."""
-        out: dict[str, dict[str, float]] = {}
-        raw = statistics.median(r.mib_s for r in self.raw) if self.raw else 0.0
-        for kind in KINDS:
-            rs = [r for r in self.steady if r.kind == kind.value]
-            if not rs:
-                continue
-            out[kind.value] = {
-                "mib_s": statistics.median(r.mib_s for r in rs),
-                "iops": statistics.median(r.iops for r in rs),
-            }
-        none = out.get("none", {}).get("mib_s", 0.0)
-        for v in out.values():
-            v["ratio_to_none"] = v["mib_s"] / none if none else 0.0
-            v["ratio_to_raw"] = v["mib_s"] / raw if raw else 0.0
-        if raw:
-            ratio = raw / none if none else 0.0
-            out["raw"] = {
-                "mib_s": raw,
-                "iops": raw * (1 << 20) / IO,
-                "ratio_to_none": ratio,
-                "ratio_to_raw": 1.0,
-            }
-        return out
+        """raid10: median MiB/s and IOPS per bitmap, with ratios to none and raw."""
+        return medians(self.steady, self.raw)
+
+    def raid5_summary(self) -> dict[str, dict[str, dict[str, float]]]:
+        """raid5: the same for 4 KiB random writes (raw: 4 KiB random) and for 1 MiB full-stripe
+        sequential writes (raw: 1 MiB sequential)."""
+        return {
+            "random_4k": medians(self.raid5_random, self.raw),
+            "seq_1m": medians(self.raid5_seq, self.raw_seq),
+        }
 
     def as_dict(self) -> dict[str, Any]:
         def loads(rs: list[LoadResult]) -> list[dict[str, Any]]:
-            return [{"kind": r.kind, "ops": r.ops, "seconds": round(r.seconds, 3), "mib_s": round(r.mib_s, 2),
-                     "iops": round(r.iops)} for r in rs]  # fmt: skip
+            out = []
+            for r in rs:
+                d = {"kind": r.kind, "ops": r.ops, "seconds": round(r.seconds, 3), "mib_s": round(r.mib_s, 2),
+                     "iops": round(r.iops)}  # fmt: skip
+                if r.member_read is not None:
+                    d["member_bytes_read"] = r.member_read
+                out.append(d)
+            return out
 
-        return {
+        def rounded(summary: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+            return {k: {m: round(x, 4) for m, x in v.items()} for k, v in summary.items()}
+
+        doc: dict[str, Any] = {
             "config": self.config,
             "machine": self.machine,
-            "summary": {k: {m: round(x, 4) for m, x in v.items()} for k, v in self.summary().items()},
+            "summary": rounded(self.summary()),
             "steady_rounds": loads(self.steady),
             "raw_rounds": loads(self.raw),
             "fresh": loads(self.fresh),
             "nbd_fio": self.nbd,
             "sync": self.sync,
         }
+        if self.raid5_random or self.raid5_sync:
+            r5 = self.raid5_summary()
+            doc["raid5"] = {
+                "disks": RAID5_DISKS,
+                "layout": "left-symmetric",
+                "chunk_kib": CHUNK_SECTORS // 2,
+                "summary_random_4k": rounded(r5["random_4k"]),
+                "summary_seq_1m": rounded(r5["seq_1m"]),
+                "random_rounds": loads(self.raid5_random),
+                "seq_rounds": loads(self.raid5_seq),
+                "raw_seq_rounds": loads(self.raw_seq),
+                "sync": self.raid5_sync,
+            }
+        return doc
 
 
 def machine() -> dict[str, Any]:
@@ -178,9 +241,11 @@ class MemMembers:
             os.close(fd)
 
 
-def make_array(paths: list[str], kind: BitmapKind, *, assume_clean: bool) -> Array:
+def make_array(paths: list[str], kind: BitmapKind, *, assume_clean: bool, level: int = 10) -> Array:
+    """raid10 n2, or raid5 left-symmetric, with 512 KiB chunks."""
+    layout = parse_layout(level, "n2" if level == 10 else None)
     spec = CreateSpec(
-        level=10, raid_devices=len(paths), layout=parse_layout(10, "n2"), chunk_sectors=1024, bitmap=kind,
+        level=level, raid_devices=len(paths), layout=layout, chunk_sectors=CHUNK_SECTORS, bitmap=kind,
         assume_clean=assume_clean, name="bench", minor=2, size=None, homehost=None,
     )  # fmt: skip
     create(paths, spec, force=True)
@@ -217,6 +282,84 @@ def random_writes(
     for t in pool:
         t.join()
     return sum(counts)
+
+
+def sequential_writes(
+    write: Callable[[int, bytes], None], sectors: int, threads: int, seconds: float, io: int
+) -> int:
+    """J threads, each writing ``io`` bytes at a time sequentially through its own share of the
+    array (wrapping around), for ``seconds``; returns ops done."""
+    stop = threading.Event()
+    counts = [0] * threads
+    buf = os.urandom(io)
+    step = io // SECTOR
+    slots = sectors // step
+
+    def worker(k: int) -> None:
+        first, last = slots * k // threads, slots * (k + 1) // threads
+        pos, n = first, 0
+        while not stop.is_set():
+            write(pos * step, buf)
+            n += 1
+            pos = pos + 1 if pos + 1 < last else first
+        counts[k] = n
+
+    pool = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(threads)]
+    for t in pool:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in pool:
+        t.join()
+    return sum(counts)
+
+
+def seq_threads(cfg: BenchConfig) -> int:
+    """Writers of the 1 MiB sequential load: a few streams, not the 4 KiB load's crowd."""
+    return max(1, min(cfg.threads, 4))
+
+
+def run_raid5(cfg: BenchConfig, kind: BitmapKind, seed: int) -> tuple[LoadResult, LoadResult]:
+    """raid5 on RAM members: 4 KiB random writes, then 1 MiB full-stripe sequential writes."""
+    mem = MemMembers(RAID5_DISKS, cfg.r5_member_bytes)
+    try:
+        array = make_array(mem.paths, kind, assume_clean=True, level=5)
+        try:
+            sectors = array.array_sectors
+
+            def member_read() -> int:
+                return sum(array.counters.member_read.values())
+
+            seconds = cfg.r5_seconds
+            random_writes(array.write, sectors, cfg.threads, seconds / 3, seed + 7)
+            r0, t0 = member_read(), time.perf_counter()
+            ops = random_writes(array.write, sectors, cfg.threads, seconds, seed)
+            rand = LoadResult(kind.value, ops, time.perf_counter() - t0, member_read=member_read() - r0)
+            # full stripes read nothing: member_read stays 0 (the JSON shows it)
+            r0, t0 = member_read(), time.perf_counter()
+            ops = sequential_writes(array.write, sectors, seq_threads(cfg), seconds, SEQ_IO)
+            seq = LoadResult(kind.value, ops, time.perf_counter() - t0, SEQ_IO, member_read() - r0)
+            return rand, seq
+        finally:
+            array.crash()
+    finally:
+        mem.close()
+
+
+def run_raw_seq(cfg: BenchConfig) -> LoadResult:
+    mem = MemMembers(1, cfg.r5_member_bytes)
+    try:
+        fd = mem.fds[0]
+
+        def write(sector: int, data: bytes) -> None:
+            os.pwrite(fd, data, sector * SECTOR)
+
+        t0 = time.perf_counter()
+        sectors = cfg.r5_member_bytes // SECTOR
+        ops = sequential_writes(write, sectors, seq_threads(cfg), cfg.r5_seconds, SEQ_IO)
+        return LoadResult("raw", ops, time.perf_counter() - t0, SEQ_IO)
+    finally:
+        mem.close()
 
 
 def run_steady(cfg: BenchConfig, kind: BitmapKind, seed: int) -> LoadResult:
@@ -321,17 +464,18 @@ def run_nbd(cfg: BenchConfig, kind: BitmapKind, tmp: Path) -> dict[str, Any] | N
                 os.unlink(p)
 
 
-def run_sync_costs(cfg: BenchConfig, kind: BitmapKind, tmp: Path) -> dict[str, Any]:
-    """Resync after a crash and recovery after a re-add, with ``dirty_percent`` of the array written."""
-    d = tmp / f"sync-{kind.value}"
+def run_sync_costs(cfg: BenchConfig, kind: BitmapKind, tmp: Path, level: int = 10) -> dict[str, Any]:
+    """Resync after a crash and recovery after a re-add, with ``dirty_percent`` of the array written
+    (in 1 MiB writes: for raid5, whole stripe rows)."""
+    d = tmp / f"sync-raid{level}-{kind.value}"
     d.mkdir()
-    paths = [str(d / f"m{i}.img") for i in range(4)]
+    paths = [str(d / f"m{i}.img") for i in range(4 if level == 10 else RAID5_DISKS)]
     for p in paths:
         with open(p, "wb") as f:
             f.truncate(cfg.sync_member_bytes)
-    result: dict[str, Any] = {"kind": kind.value, "dirty_percent": cfg.dirty_percent}
+    result: dict[str, Any] = {"kind": kind.value, "level": level, "dirty_percent": cfg.dirty_percent}
     try:
-        array = make_array(paths, kind, assume_clean=False)
+        array = make_array(paths, kind, assume_clean=False, level=level)
         sync_until_idle(array)
         total = array.array_sectors
         region = int(total * cfg.dirty_percent / 100) // 2048 * 2048
@@ -393,6 +537,18 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> R
         for kind in KINDS:
             progress(f"resync and recovery: {kind.value}")
             report.sync.append(run_sync_costs(cfg, kind, tmp))
+        if cfg.raid5:
+            for r in range(cfg.rounds):
+                for kind in KINDS:
+                    progress(f"raid5 round {r + 1}/{cfg.rounds}: {kind.value}")
+                    rand, seq = run_raid5(cfg, kind, seed=r)
+                    report.raid5_random.append(rand)
+                    report.raid5_seq.append(seq)
+                progress(f"raid5 round {r + 1}/{cfg.rounds}: raw 1 MiB sequential")
+                report.raw_seq.append(run_raw_seq(cfg))
+            for kind in KINDS:
+                progress(f"raid5 resync and recovery: {kind.value}")
+                report.raid5_sync.append(run_sync_costs(cfg, kind, tmp, level=5))
     return report
 
 

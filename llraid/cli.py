@@ -746,7 +746,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from llraid.bench import BenchConfig, run, svg_plot, table_rows
+    from llraid.bench import BenchConfig, run, seq_threads, svg_plot, table_rows
 
     cfg = BenchConfig.quick() if args.quick else BenchConfig()
     if args.threads:
@@ -754,12 +754,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.iodepth:
         cfg.iodepth = args.iodepth
     if args.seconds:
-        cfg.seconds = args.seconds
+        cfg.seconds, cfg.raid5_seconds = args.seconds, None
     if args.rounds:
         cfg.rounds = args.rounds
     if args.member_size:
-        cfg.member_bytes = args.member_size
+        cfg.member_bytes, cfg.raid5_member_bytes = args.member_size, None
     cfg.nbd = not args.no_nbd
+    cfg.raid5 = not args.no_raid5
     if args.json:
         report = run(cfg)
     else:
@@ -793,6 +794,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 f"in {s['resync_seconds']} s; recovery wrote {s['recovery_bytes_written']} bytes in "
                 f"{s['recovery_seconds']} s (array {s['array_bytes']} bytes)"
             )
+        if cfg.raid5:
+            r5 = report.raid5_summary()
+            titles = {
+                "random_4k": f"raid5, 3 RAM members, 512K chunks: 4 KiB random writes, {cfg.threads} threads",
+                "seq_1m": "raid5: 1 MiB sequential full-stripe writes, "
+                f"{seq_threads(cfg)} threads (raw: 1 MiB sequential to one member)",
+            }
+            for key, title in titles.items():
+                t = Table(title=f"{title} (median of {cfg.rounds})")
+                for col in ("bitmap", "MiB/s", "IOPS", "vs none", "vs raw"):
+                    t.add_column(col, justify="right")
+                for row in table_rows(r5[key]):
+                    t.add_row(*row)
+                console.print(t)
+            for s in report.raid5_sync:
+                console.print(
+                    f"raid5 {s['kind']}: {s['dirty_percent']}% written -> resync read "
+                    f"{s['resync_bytes_read']} bytes, wrote {s['resync_bytes_written']} in "
+                    f"{s['resync_seconds']} s; recovery wrote {s['recovery_bytes_written']} bytes in "
+                    f"{s['recovery_seconds']} s (array {s['array_bytes']} bytes)"
+                )
     if args.plot:
         with open(args.plot, "w") as f:
             f.write(svg_plot(report.summary(), cfg.threads))
@@ -1006,6 +1028,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--rounds", type=int, default=None, help="rounds (default 3)")
     be.add_argument("--member-size", type=_size, default=None, help="bytes per RAM member (default 2G)")
     be.add_argument("--no-nbd", action="store_true", help="skip the fio/NBD run")
+    be.add_argument("--no-raid5", action="store_true", help="skip the raid5 rows")
     be.add_argument("--json", action="store_true")
     be.add_argument("--plot", default=None, help="write an SVG bar chart to FILE")
     be.set_defaults(func=cmd_bench)
@@ -1013,7 +1036,11 @@ def build_parser() -> argparse.ArgumentParser:
     to = sub.add_parser("torture", help="randomised power cuts and member faults; proves nothing is lost")
     to.add_argument("--runs", type=int, default=100)
     to.add_argument("--seed", type=int, default=1)
-    to.add_argument("--level", action="append", help="raid1, raid10n2, raid10f2, raid10o2 (repeatable)")
+    to.add_argument(
+        "--level",
+        action="append",
+        help="raid1, raid10n2, raid10f2, raid10o2, raid5, raid5x4 or raid4 (repeatable)",
+    )
     to.add_argument("--bitmap", action="append", help="none, classic, lockless (repeatable)")
     to.add_argument("--json", action="store_true")
     to.set_defaults(func=cmd_torture)

@@ -34,6 +34,11 @@ class AssemblyError(LlraidError):
     """Members that cannot be put together into one array."""
 
 
+class DirtyDegradedError(AssemblyError):
+    """raid4/5 not shut down cleanly and missing a member: md's "cannot start dirty degraded array"
+    (parity of the stripes being written at the crash may be stale; ``--force`` starts it anyway)."""
+
+
 class DeviceError(LlraidError):
     """A member device that cannot be opened, read or is too small."""
 

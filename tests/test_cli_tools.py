@@ -156,6 +156,17 @@ def test_bench_json_has_the_promised_keys(capsys: pytest.CaptureFixture[str]) ->
     # the cost of resync after a crash: llbitmap copies only what was written, none everything
     assert sync["lockless"]["resync_bytes_read"] < sync["none"]["resync_bytes_read"]
     assert all(s["mismatches_after"] == 0 for s in doc["sync"])
+    # raid5: both loads per bitmap, full-stripe writes read nothing, the same sync costs
+    r5 = doc["raid5"]
+    for table in ("summary_random_4k", "summary_seq_1m"):
+        for kind in ("none", "internal", "lockless", "raw"):
+            assert r5[table][kind]["mib_s"] > 0
+    assert all(r["member_bytes_read"] > 0 for r in r5["random_rounds"])  # reconstruct-writes read
+    assert all(r["member_bytes_read"] == 0 for r in r5["seq_rounds"])
+    sync5 = {s["kind"]: s for s in r5["sync"]}
+    assert sync5["lockless"]["resync_bytes_read"] < sync5["none"]["resync_bytes_read"]
+    assert sync5["lockless"]["recovery_bytes_written"] < sync5["none"]["recovery_bytes_written"]
+    assert all(s["mismatches_after"] == 0 and s["level"] == 5 for s in r5["sync"])
 
 
 def test_sync_mode_proactive_builds_every_chunks_parity(

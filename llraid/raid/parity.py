@@ -55,6 +55,10 @@ def as_block(data: bytes | memoryview) -> Block:
     return np.frombuffer(data, dtype=np.uint8)
 
 
+class _ReadFailed(Exception):
+    """A member failed a read while a write was planning its parity; it is failed now."""
+
+
 @dataclass(frozen=True)
 class RowMap:
     """Who holds what in one stripe row."""
@@ -205,7 +209,21 @@ class Raid5Runtime(Raid5):
     def _write_segment(
         self, io: ArrayIO, rm: RowMap, ms: int, n: int, new: dict[int, Block], fua: bool
     ) -> None:
-        """Member sectors ``[ms, ms+n)`` of one row; ``new`` maps data index -> new block."""
+        """Member sectors ``[ms, ms+n)`` of one row; ``new`` maps data index -> new block.
+
+        A member that fails a read is failed and the segment is planned again without it (md
+        handles the stripe again, degraded); nothing has been written when a read fails."""
+        for _ in range(len(rm.data) + 1):  # each round has one member fewer
+            try:
+                self._try_write_segment(io, rm, ms, n, new, fua)
+                return
+            except _ReadFailed:
+                continue
+        raise IOFailure(f"cannot write member sectors {ms}..{ms + n - 1}: members keep failing")
+
+    def _try_write_segment(
+        self, io: ArrayIO, rm: RowMap, ms: int, n: int, new: dict[int, Block], fua: bool
+    ) -> None:
         readable = {r for r in (*rm.data, rm.parity) if io.by_role(r) is not None and io.available(r, ms, n)}
         unwritten = [i for i in range(len(rm.data)) if i not in new]
         missing = [r for r in (*rm.data, rm.parity) if r not in readable]
@@ -245,8 +263,8 @@ class Raid5Runtime(Raid5):
         try:
             return io.read_member(d, ms, n)
         except DeviceError as e:
-            io.fail(d, reason=str(e))
-            raise IOFailure(f"read of {d.path} failed while updating parity; retry the write") from None
+            io.fail(d, reason=str(e))  # raises IOFailure if the array cannot lose it
+            raise _ReadFailed from None
 
     def _write(self, io: ArrayIO, role: int, ms: int, block: Block, fua: bool) -> None:
         for d in (io.by_role(role), io.replacement(role)):

@@ -13,6 +13,9 @@ Per array sector the oracle keeps:
   as zeros or any write issued to it.
 * ``acked`` / ``issued``: the newest acknowledged / issued write. While the power stays on, a
   sector whose newest issued write was acknowledged must read back as exactly that write.
+* ``hole``: raid4/5 only, the sectors a forced start of a dirty degraded array exposed to the
+  write hole (see :meth:`Oracle.excuse`): until a newer write to them is durable they may read
+  back as anything, and are counted as excused instead of checked.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ class Verdict:
     lost: int = 0  # required sectors that did not read back as required
     garbage: int = 0  # sectors that are no version ever written there
     unstable: int = 0  # sectors whose version changed against an earlier read
+    excused: int = 0  # write-hole sectors not checked (forced dirty degraded raid4/5 start)
+    excused_wrong: int = 0  # of those, read back as neither the required version nor a newer one
     first_problem: str | None = None
 
     def add(self, other: Verdict) -> None:
@@ -47,6 +52,8 @@ class Verdict:
         self.lost += other.lost
         self.garbage += other.garbage
         self.unstable += other.unstable
+        self.excused += other.excused
+        self.excused_wrong += other.excused_wrong
         if self.first_problem is None:
             self.first_problem = other.first_problem
 
@@ -59,9 +66,11 @@ class Oracle:
         self.acked = np.full(sectors, -1, dtype=np.int64)
         self.issued = np.full(sectors, -1, dtype=np.int64)
         self.seen = np.full(sectors, -2, dtype=np.int64)  # version last read back (-2: none)
+        self.hole = np.zeros(sectors, dtype=np.int64)  # excused while floor < hole (0: never)
         self.starts = [0]  # per write id: first array sector (id 0: "zeros")
         self.ends = [0]
         self.unflushed: list[int] = []  # acknowledged, not yet covered by a flush
+        self.inflight: set[int] = set()  # issued, not acknowledged (cut short, or failed)
         self.writes_acked = 0
         self.writes_durable = 0
         self.epoch = 1  # first write id since the last power cut
@@ -88,12 +97,14 @@ class Oracle:
         data = self._rows(np.full(count, wid, dtype=np.uint64), secs).tobytes()
         self.issued[sector : sector + count] = wid
         self.seen[sector : sector + count] = -2
+        self.inflight.add(wid)
         return wid, data
 
     def acknowledged(self, wid: int, fua: bool) -> None:
         a, b = self.starts[wid], self.ends[wid]
         view = self.acked[a:b]
         np.maximum(view, wid, out=view)
+        self.inflight.discard(wid)
         self.writes_acked += 1
         if fua:
             self._durable(wid)
@@ -116,11 +127,26 @@ class Oracle:
         done = set(covered)
         self.unflushed = [w for w in self.unflushed if w not in done]
 
+    def pending(self) -> list[tuple[int, int]]:
+        """``(sector, count)`` of every write not known durable: acknowledged but not flushed, or
+        issued and never acknowledged. At a power cut these may have reached some members only."""
+        wids = [*self.unflushed, *sorted(self.inflight)]
+        return [(self.starts[w], self.ends[w] - self.starts[w]) for w in wids]
+
     def power_cut(self) -> None:
         """The power went off: nothing read so far is known to stay as it was."""
         self.seen[:] = -2
         self.epoch = len(self.starts)
         self.unflushed.clear()
+        self.inflight.clear()
+
+    def excuse(self, sector: int, count: int) -> None:
+        """raid4/5's write hole: these sectors' content was only recoverable through parity that a
+        crash may have left stale (a dirty degraded array started by force, which md refuses
+        without it). They are not checked until a write issued from now on is durable there."""
+        view = self.hole[sector : sector + count]
+        np.maximum(view, len(self.starts), out=view)
+        self.seen[sector : sector + count] = -2
 
     def everything_durable(self) -> None:
         """A clean stop: every acknowledged write is durable."""
@@ -159,22 +185,30 @@ class Oracle:
         ok = ~garbage & np.where(floor >= 0, v >= floor, True)
         ok &= (v == 0) | (v <= issued)
         required = floor >= 0
+        hole = self.hole[sl]
+        excused = (hole > 0) & (floor < hole)
         if live:
             exact = (acked >= self.epoch) & (acked == issued)
             ok &= np.where(exact, v == acked, True)
             required = required | exact
+            excused &= ~(exact & (acked >= hole))  # written since the hole: must read back
+        checked = ~excused
         verdict = Verdict(sectors=n)
-        verdict.garbage = int(garbage.sum())
+        verdict.excused = int(excused.sum())
+        verdict.excused_wrong = int((excused & ~ok).sum())
+        required &= checked
+        verdict.garbage = int((garbage & checked).sum())
         verdict.required = int(required.sum())
         verdict.verified = int((required & ok).sum())
         verdict.lost = int((required & ~ok).sum())
-        bad_unrequired = int((~required & ~ok & ~garbage).sum())
+        bad_unrequired = int((~required & ~ok & ~garbage & checked).sum())
         verdict.lost += bad_unrequired  # a version older than allowed, though nothing was required
         seen = self.seen[sl].copy()
+        changed = (seen != -2) & (seen != v) & checked
         if stable:
-            verdict.unstable = int(((seen != -2) & (seen != v)).sum())
+            verdict.unstable = int(changed.sum())
         self.seen[sl] = v
-        problems = np.flatnonzero(~ok | ((seen != -2) & (seen != v) if stable else False))
+        problems = np.flatnonzero((~ok & checked) | (changed if stable else False))
         if len(problems):
             i = int(problems[0])
             verdict.first_problem = (

@@ -1,7 +1,8 @@
 """Randomised torture runs: a workload with known data, power cuts and faults, then proof.
 
-One run (:func:`run_one`) creates a small array (raid1 or raid10 n2/f2/o2, with no bitmap, the
-classic bitmap or llbitmap) on files, and then goes through one to three *generations*. Each
+One run (:func:`run_one`) creates a small array (raid1, raid10 n2/f2/o2, raid5 left-symmetric on
+three or four members, raid4; with no bitmap, the classic bitmap or llbitmap) on files, and then
+goes through one to three *generations*. Each
 generation assembles the members through a :class:`~llraid.torture.simdev.SimWorld` (volatile
 write caches), runs a seeded workload and ends with a power cut at a chosen IO (any write, a
 superblock write, a bitmap write, a data write or a flush), at the end, or with a clean stop.
@@ -16,9 +17,24 @@ At the end the members are assembled once more, and checked:
     exactly (or as a newer write to the same sector); nothing reads back as garbage; what was
     read right after assembly does not change when resync/recovery runs;
 (b) after resync/recovery, all copies agree (a direct comparison of every copy, and
-    ``check``'s mismatch count);
+    ``check``'s mismatch count); raid4/5: parity is consistent (the XOR of every member is zero)
+    wherever llbitmap does not say Unwritten;
 (c) with llbitmap: no chunk was Unwritten/Clean on disk (in the copy assembly loads) while its
-    copies differed, and resync read or wrote only chunks the bitmap marked.
+    copies differed, and resync read or wrote only chunks the bitmap marked. raid4/5 (see
+    ``_must_agree``): no chunk was Clean/CleanUnwritten on disk with inconsistent parity, nor
+    Unwritten with inconsistent parity where a write was ever issued.
+
+raid4/5 and the write hole. A power cut can leave a stripe row with data and parity from
+different times; resync rebuilds the parity, but a block that must be rebuilt *from* that
+parity before then (its member missing or still being recovered) comes back wrong, even data
+flushed long before. md makes no promise there: it refuses to start a dirty degraded array
+("cannot start dirty degraded array"; ``mdadm --force`` starts it, "data corruption possible").
+So the runner (1) lets a pending resync finish before it fails a member on purpose, and (2) when
+assembly refuses a dirty degraded array, forces it as mdadm would and excuses exactly the data
+blocks of the unavailable members in the stripe rows written but not yet durable at a cut
+since the parity was last rebuilt everywhere (:meth:`_Run._excuse_write_hole`); they are not
+checked until a newer write to them is durable, and the report counts them (and how many did
+read back wrong) apart. Everything else is checked as for the mirrors.
 """
 
 from __future__ import annotations
@@ -36,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from llraid.array import Array, IOFailure, Rdev, RdevState
 from llraid.bitmap.base import SyncKind
@@ -43,16 +60,21 @@ from llraid.bitmap.classic import ClassicBitmap
 from llraid.bitmap.lockless import LocklessBitmap
 from llraid.create import CreateSpec, create, parse_layout
 from llraid.device import SECTOR
-from llraid.errors import LlraidError, NotMdMemberError
+from llraid.errors import DirtyDegradedError, LlraidError, NotMdMemberError
 from llraid.format.bitmap import BitmapKind
 from llraid.format.llbitmap import DATA_OFFSET, LLState
 from llraid.member import open_member
+from llraid.raid.parity import Raid5Runtime
 from llraid.sync import needed_sync, run_sync
 from llraid.torture.oracle import Oracle, Verdict
 from llraid.torture.simdev import CutPlan, CutReport, Fault, Layout, SimWorld
 
 MiB = 1 << 20
-LEVELS = ("raid1", "raid10n2", "raid10f2", "raid10o2")
+MIRROR_LEVELS = ("raid1", "raid10n2", "raid10f2", "raid10o2")
+# raid5: left-symmetric on 3 members, raid5x4 on 4; raid4: parity on the last of 3 to 5 (with 4
+# data blocks a one-block write is a read-modify-write; with fewer, reconstruct-write reads less)
+PARITY_LEVELS = ("raid5", "raid5x4", "raid4")
+LEVELS = MIRROR_LEVELS + PARITY_LEVELS
 BITMAPS = ("none", "classic", "lockless")
 _BITMAP_KINDS = {"none": BitmapKind.NONE, "classic": BitmapKind.CLASSIC, "lockless": BitmapKind.LOCKLESS}
 FAULT_KINDS = ("read", "write", "vanish", "bitmap", "sync", "slow")
@@ -92,6 +114,7 @@ class RunResult:
     check_mismatches: int = 0  # what `check` counted
     clean_while_differing: int = 0  # llbitmap chunks Unwritten/Clean on disk with differing copies
     resync_outside: int = 0  # llbitmap chunks resync touched that the bitmap did not mark
+    forced_starts: int = 0  # raid4/5 dirty degraded starts forced (md refuses them)
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -125,6 +148,11 @@ class RunResult:
             f"live lost {self.live.lost} mismatches {self.mismatches}/{self.check_mismatches} "
             f"clean-while-differing {self.clean_while_differing} resync-outside {self.resync_outside}"
         )
+        if self.forced_starts:
+            bits.append(
+                f"forced dirty degraded starts {self.forced_starts}: {v.excused} sectors excused, "
+                f"{v.excused_wrong} of them hit by the write hole"
+            )
         if v.first_problem:
             bits.append(f"first problem: {v.first_problem}")
         if self.live.first_problem:
@@ -139,6 +167,10 @@ class _Stop(Exception):
 
 def _geometry(cfg: Config, rng: random.Random) -> tuple[int, int, str | None, int]:
     """``(level, disks, layout, chunk_sectors)``."""
+    if cfg.level in PARITY_LEVELS:
+        disks = {"raid5": 3, "raid5x4": 4}.get(cfg.level) or rng.choice([3, 4, 5, 5])
+        level, layout = (4, None) if cfg.level == "raid4" else (5, "ls")
+        return level, disks, layout, rng.choice([16, 128, 1024])
     if cfg.level == "raid1":
         return 1, rng.choice([2, 2, 3]), None, 0
     layout = cfg.level.removeprefix("raid10")
@@ -177,6 +209,10 @@ class _Run:
         self.budget = 0
         self.membership: tuple[tuple[str, str], ...] = ()
         self.trace: list[str] | None = [] if os.environ.get("LLRAID_TORTURE_TRACE") else None
+        self.parity = cfg.level in PARITY_LEVELS
+        # raid4/5: stripe rows whose parity a cut may have left stale, until a resync with every
+        # member in sync has run (see _note_cut)
+        self.suspect_rows: set[int] = set()
 
     # ---- set-up -----------------------------------------------------------------------------
 
@@ -214,6 +250,7 @@ class _Run:
             if isinstance(array.bitmap, LocklessBitmap):
                 self.bm_chunk = array.bitmap.chunksize
             self.raid_chunk = chunk or 128
+            self.row_width = self.raid_chunk * (disks - 1) if self.parity else 0  # array sectors
 
     # ---- the workload --------------------------------------------------------------------------
 
@@ -257,7 +294,8 @@ class _Run:
     def _range(self) -> tuple[int, int]:
         rng, n = self.rng, self.sectors
         how = rng.random()
-        unit = rng.choice([self.bm_chunk, self.raid_chunk])
+        # raid4/5: whole stripe rows too, so "whole chunks" below are full-stripe writes
+        unit = rng.choice([self.row_width if self.parity else self.bm_chunk, self.raid_chunk])
         if how < 0.35:  # a hot area: sectors are overwritten often
             start = rng.randrange(0, min(n, 4096))
             count = rng.choice([1, 8, rng.randint(1, 64), rng.randint(1, 256)])
@@ -379,8 +417,22 @@ class _Run:
         for _ in range(4):
             kind = needed_sync(self.a)
             if kind is None:
-                return
+                break
             self.sync(kind)
+        if self.parity and needed_sync(self.a) is None and self.a.copies_agree and not self.a.is_degraded():
+            # every stripe the bitmap (or the unclean superblock) marked has its parity rebuilt;
+            # forgetting suspects early is the strict direction: a row the engine failed to
+            # resync is then never excused
+            self.suspect_rows.clear()
+
+    def _before_failure(self) -> None:
+        """raid4/5 survive one failure, and an unclean shutdown whose resync has not finished is one
+        already: the stripes being written at the crash may hold stale parity (the write hole), so
+        a member lost now takes data of those stripes with it, in md as here. Finish the resync
+        first, as md's guarantee requires; mirrors have no such window."""
+        if self.parity and needed_sync(self.a) is not None:
+            self._trace("sync before a failure")
+            self.sync_all()
 
     # ---- membership events and faults --------------------------------------------------------------
 
@@ -413,6 +465,7 @@ class _Run:
         self.sync_all()
 
     def fail_event(self) -> None:
+        self._before_failure()
         d = self._live_rdev()
         try:
             self.a.fail(d)
@@ -425,6 +478,22 @@ class _Run:
             self.step()
         self._replace(d, readd=self.rng.random() < 0.6)
 
+    def _fault_target(self) -> tuple[int, int, int, int]:
+        """``(array sector, count, role, member sector)``: a range and a member holding some of it
+        (a copy; raid4/5: its data block, or the parity block a write of it updates)."""
+        rng = self.rng
+        start, count = self._range()
+        pers = self.a.personality
+        if isinstance(pers, Raid5Runtime):
+            geo = pers.geo
+            dd, pd, ms = geo.compute_sector(start)
+            n = min(count, geo.chunk_sectors - (start & geo.chunk_mask))
+            return start, n, dd if rng.random() < 0.7 else pd, ms
+        assert self.a.mirror is not None
+        piece = self.a.mirror.pieces(start, count)[0]
+        role, ms = rng.choice([(r, ms) for r, ms in piece.copies if self.a.available(r, ms, piece.count)])
+        return piece.sector, piece.count, role, ms
+
     def fault_event(self) -> None:
         assert self.world is not None
         rng = self.rng
@@ -432,23 +501,20 @@ class _Run:
         kind = rng.choice(kinds)
         if any(d.state is not RdevState.IN_SYNC for d in self.a.rdevs if d.role is not None):
             return  # one fault at a time: a member that is not in sync holds no full copy
+        self._before_failure()
         lay = self.layout
-        start, count = self._range()
-        # a member holding one copy of array sectors [start, start+count), and where
-        assert self.a.mirror is not None
-        piece = self.a.mirror.pieces(start, count)[0]
-        role, ms = rng.choice([(r, ms) for r, ms in piece.copies if self.a.available(r, ms, piece.count)])
+        sector, count, role, ms = self._fault_target()
         d = self.a.by_role(role)
         assert d is not None
         name = Path(d.path).name
         lo = lay.data_start + ms * SECTOR
-        hi = lo + piece.count * SECTOR
+        hi = lo + count * SECTOR
         self.res.faults.append(f"{kind} on {name}")
         self._trace(f"fault {kind} on {name} [{lo}, {hi})")
         if kind == "read":
             self.world.add_fault(d.path, Fault("read", lo, hi))
             for _ in range(rng.randint(1, 4)):
-                self.read(piece.sector, piece.count)
+                self.read(sector, count)
             self.world.clear_faults(d.path)
             return
         if kind == "slow":
@@ -460,7 +526,7 @@ class _Run:
         self.budget += 40  # the IO that meets the fault is not cut short by the budget
         if kind == "write":
             self.world.add_fault(d.path, Fault("write", lo, hi))
-            self.write(piece.sector, piece.count)
+            self.write(sector, count)
         elif kind == "vanish":
             self.world.add_fault(d.path, Fault("vanish"), in_ops=rng.randint(0, 4))
             for _ in range(4):
@@ -495,6 +561,40 @@ class _Run:
             self.step()  # degraded, still serving from the good copies
         self._replace(d, readd=rng.random() < 0.5)
 
+    # ---- raid4/5's write hole ----------------------------------------------------------------------
+
+    def _note_cut(self) -> None:
+        """At a power cut: the stripe rows of every write not yet durable may now hold data and
+        parity from different times (some member writes landed, others did not)."""
+        if not self.parity:
+            return
+        for start, count in self.o.pending():
+            first = start // self.row_width
+            last = (start + count - 1) // self.row_width
+            self.suspect_rows.update(range(first, last + 1))
+
+    def _excuse_write_hole(self, array: Array) -> None:
+        """A dirty degraded raid4/5 was started by force: in every suspect row, the data blocks of
+        the roles that are not available there can only be rebuilt from parity that may be stale.
+        That is all the write hole can reach (present blocks are read as they are, and a later
+        write to the row keeps what a missing block rebuilds to), so only those are excused."""
+        pers = array.personality
+        assert isinstance(pers, Raid5Runtime)
+        geo = pers.geo
+        chunk = geo.chunk_sectors
+        for row in sorted(self.suspect_rows):
+            ms = row << geo.chunk_shift
+            for role in range(geo.raid_disks):
+                d = array.by_role(role)
+                if d is not None and d.state is RdevState.IN_SYNC:
+                    continue
+                # a recovering member serves its block below its recovery offset
+                lo = ms if d is None else min(max(ms, d.recovery_offset), ms + chunk)
+                v = geo.compute_blocknr(ms, role)
+                if v is None or lo == ms + chunk:
+                    continue  # the parity block (nothing but parity is lost), or recovered
+                self.o.excuse(v + lo - ms, ms + chunk - lo)
+
     # ---- generations ----------------------------------------------------------------------------------
 
     def _cut_at(self, kind: str) -> int:
@@ -512,7 +612,18 @@ class _Run:
                     continue
             paths.append(p)
         self.paths = paths
-        array = Array.assemble(paths, run=True, bitmap_threads=False, opener=opener)
+        try:
+            array = Array.assemble(paths, run=True, bitmap_threads=False, opener=opener)
+        except DirtyDegradedError as e:
+            if not self.parity:
+                raise
+            # md refuses this ("cannot start dirty degraded array"); do what `mdadm --assemble
+            # --force` does, and excuse exactly the data the write hole may have taken
+            self.res.forced_starts += 1
+            self.res.events.append(f"forced dirty degraded start ({e})")
+            self._trace("forced dirty degraded start")
+            array = Array.assemble(paths, run=True, force=True, bitmap_threads=False, opener=opener)
+            self._excuse_write_hole(array)
         if "flush-before-superblocks" in self.workarounds:
             update = array.update_sb
 
@@ -591,6 +702,7 @@ class _Run:
         if not world.dead and not stopped:
             world.power_off()
         if world.dead:
+            self._note_cut()
             self.o.power_cut()
             assert world.cut_report is not None
             res.cuts.append(world.cut_report)
@@ -633,6 +745,70 @@ class _Run:
                     if len(copies) > 1 and any(not np.array_equal(copies[0], c) for c in copies[1:]):
                         out.append((p.sector + off, n))
         return out
+
+    def _inconsistent(self, array: Array) -> npt.NDArray[np.bool_]:
+        """raid4/5, per member sector (the sync space): True where parity is inconsistent, i.e.
+        the XOR of every member's sector is not zero. Only where every member is available: with
+        one missing there is nothing to compare (its block is whatever the others XOR to)."""
+        pers = array.personality
+        assert isinstance(pers, Raid5Runtime)
+        dev = pers.sync_sectors
+        usable = dev
+        acc: npt.NDArray[np.uint8] | None = None
+        for role in range(array.raid_disks):
+            d = array.by_role(role)
+            if d is None:
+                return np.zeros(dev, dtype=np.bool_)
+            if d.state is not RdevState.IN_SYNC:
+                usable = min(usable, d.recovery_offset)
+            block = np.frombuffer(d.device.pread(d.data_offset_bytes, dev * SECTOR), dtype=np.uint8)
+            acc = block.copy() if acc is None else acc ^ block
+        assert acc is not None
+        out = np.asarray(acc.reshape(dev, SECTOR).any(axis=1), dtype=np.bool_)
+        out[usable:] = False
+        return out
+
+    def _holds_data(self, array: Array, ms: int, end: int) -> bool:
+        """raid4/5: a write was ever issued to array data held in member sectors ``[ms, end)``."""
+        pers = array.personality
+        assert isinstance(pers, Raid5Runtime)
+        geo = pers.geo
+        while ms < end:
+            n = min(end - ms, geo.chunk_sectors - (ms & geo.chunk_mask))
+            for role in range(geo.raid_disks):
+                v = geo.compute_blocknr(ms, role)
+                if v is not None and bool((self.o.issued[v : v + n] > 0).any()):
+                    return True
+            ms += n
+        return False
+
+    def _windows(self, mask: npt.NDArray[np.bool_]) -> list[tuple[int, int]]:
+        """``(sector, count)`` of the 128-sector windows holding a True sector of ``mask``."""
+        out = []
+        for w in np.flatnonzero(np.logical_or.reduceat(mask, np.arange(0, len(mask), 128))):
+            start = int(w) * 128
+            out.append((start, min(128, len(mask) - start)))
+        return out
+
+    def _must_agree(self, array: Array, bm: LocklessBitmap, chunk: int, state: int) -> bool:
+        """(c): True if llbitmap chunk ``chunk`` must not be in ``state`` on disk while its copies
+        differ (mirrors) or its parity is inconsistent (raid4/5).
+
+        Mirrors: not Unwritten or Clean (reload keeps them, resync skips them). raid4/5 (md's
+        raid456 rules): Clean and CleanUnwritten claim valid parity (``blocks_synced``: writes
+        read-modify-write from it, resync skips it), so never. Unwritten is the one state
+        allowed stale parity, because it promises there is no data whose parity matters: the
+        first write leaves it (NeedSync, a lazy parity build) durably before any member write.
+        So Unwritten with inconsistent parity is wrong only where a write was ever issued. The
+        other states are resynced after reload (Dirty, Syncing -> NeedSync)."""
+        if not self.parity:
+            return state in (LLState.UNWRITTEN, LLState.CLEAN)
+        if state in (LLState.CLEAN, LLState.CLEAN_UNWRITTEN):
+            return True
+        if state == LLState.UNWRITTEN:
+            start = chunk << bm.chunkshift
+            return self._holds_data(array, start, min(start + bm.chunksize, array.personality.sync_sectors))
+        return False
 
     def _ondisk_states(self, array: Array, bm: LocklessBitmap) -> list[np.ndarray[Any, np.dtype[np.uint8]]]:
         out = []
@@ -679,22 +855,24 @@ class _Run:
 
     def _prove(self, array: Array, world: SimWorld) -> None:
         res = self.res
-        assert array.mirror is not None
         bm = array.bitmap
         marked: set[int] = set()
         if isinstance(bm, LocklessBitmap):
             # (c) on disk: a chunk whose copies differ must not be Unwritten or Clean in the loaded copy.
             shift = bm.chunkshift
             differing_chunks: set[int] = set()
-            for v, n in self._differing(array):
-                differing_chunks.update(range(v >> shift, ((v + n - 1) >> shift) + 1))
+            if self.parity:
+                differing_chunks = {int(ms) >> shift for ms in np.flatnonzero(self._inconsistent(array))}
+            else:
+                for v, n in self._differing(array):
+                    differing_chunks.update(range(v >> shift, ((v + n - 1) >> shift) + 1))
             for states in self._ondisk_states(array, bm):
-                bad = [c for c in differing_chunks if states[c] in (LLState.UNWRITTEN, LLState.CLEAN)]
+                bad = [c for c in sorted(differing_chunks) if self._must_agree(array, bm, c, states[c])]
                 res.clean_while_differing += len(bad)
                 if bad:
+                    what = "its parity is inconsistent" if self.parity else "its copies differ"
                     res.errors.append(
-                        f"llbitmap chunk {bad[0]} is {LLState(int(states[bad[0]])).name} on disk "
-                        "while its copies differ"
+                        f"llbitmap chunk {bad[0]} is {LLState(int(states[bad[0]])).name} on disk while {what}"
                     )
             live = bm.states[DATA_OFFSET : DATA_OFFSET + bm.chunks]
             marked = {int(c) for c in np.flatnonzero(np.isin(live, (LLState.NEED_SYNC, LLState.SYNCING)))}
@@ -713,11 +891,21 @@ class _Run:
                 break
             world.phase = kind.value
             logging = kind is SyncKind.RESYNC and isinstance(bm, LocklessBitmap)
+            allowed = set(marked)
+            if logging and self.parity:
+                # raid456: a recovery that ends non-degraded "infects" the Unwritten chunks of a
+                # block holding Dirty ones into NeedSync (a lazy parity build, md-llbitmap's
+                # rule), so a resync after it may build those too: what the bitmap marks when the
+                # resync starts (and, degraded, its Dirty chunks, which md syncs then) is allowed
+                assert isinstance(bm, LocklessBitmap)
+                now = bm.states[DATA_OFFSET : DATA_OFFSET + bm.chunks]
+                due = [LLState.NEED_SYNC, LLState.SYNCING] + ([LLState.DIRTY] if array.is_degraded() else [])
+                allowed |= {int(c) for c in np.flatnonzero(np.isin(now, due))}
             world.set_logging(logging)
             stats = run_sync(array, kind)
             if logging:
                 assert isinstance(bm, LocklessBitmap)
-                outside = self._touched(array, world) - marked
+                outside = self._touched(array, world) - allowed
                 res.resync_outside += len(outside)
                 if outside:
                     res.errors.append(f"resync touched unmarked llbitmap chunks {sorted(outside)[:5]}")
@@ -733,10 +921,23 @@ class _Run:
         res.verdict.garbage = max(post.garbage, pre.garbage)
         if res.verdict.first_problem is None:
             res.verdict.first_problem = pre.first_problem
-        diff = self._differing(array)
-        res.mismatches = sum(n for _, n in diff)
-        if diff:
-            res.errors.append(f"copies differ after sync at sync sectors {diff[:3]}")
+        if self.parity:
+            # (b) raid4/5: parity consistent wherever llbitmap does not say Unwritten (never written,
+            # so never built: lazy parity); without llbitmap, everywhere
+            mask = self._inconsistent(array)
+            if isinstance(bm, LocklessBitmap):
+                live = bm.states[DATA_OFFSET : DATA_OFFSET + bm.chunks]
+                unwritten = np.repeat(live == LLState.UNWRITTEN, bm.chunksize)[: len(mask)]
+                mask &= ~unwritten
+            res.mismatches = int(mask.sum())
+            if res.mismatches:
+                where = self._windows(mask)[:3]
+                res.errors.append(f"parity inconsistent after sync at member sectors {where}")
+        else:
+            diff = self._differing(array)
+            res.mismatches = sum(n for _, n in diff)
+            if diff:
+                res.errors.append(f"copies differ after sync at sync sectors {diff[:3]}")
         world.phase = "check"
         res.check_mismatches = run_sync(array, SyncKind.CHECK).mismatches
         res.writes_durable = self.o.writes_durable
@@ -744,7 +945,7 @@ class _Run:
     def _touched(self, array: Array, world: SimWorld) -> set[int]:
         """llbitmap chunks whose data a member IO logged in ``world`` touched."""
         bm = array.bitmap
-        assert isinstance(bm, LocklessBitmap) and array.mirror is not None
+        assert isinstance(bm, LocklessBitmap)
         chunks: set[int] = set()
         step_of = self.raid_chunk if array.level == 10 else 128
         for d in array.rdevs:
@@ -758,7 +959,7 @@ class _Run:
                 end = ms + max(1, length // SECTOR)
                 while ms < end:
                     n = min(end - ms, step_of - ms % step_of)
-                    v = array.mirror.member_to_sync(d.role, ms)
+                    v = array.personality.member_to_sync(d.role, ms)
                     if v is not None:
                         chunks.update(range(v >> bm.chunkshift, ((v + n - 1) >> bm.chunkshift) + 1))
                     ms += n
@@ -826,6 +1027,9 @@ class TortureReport:
     check_mismatches: int = 0
     clean_while_differing: int = 0
     resync_outside_marked: int = 0
+    forced_starts: int = 0  # raid4/5 dirty degraded starts forced (md refuses them without --force)
+    excused_bytes: int = 0  # write-hole data not checked after them
+    excused_wrong_bytes: int = 0  # of which read back wrong: what the write hole took
     errors: int = 0
     seconds: float = 0.0
     by_config: Counter[str] = field(default_factory=Counter)
@@ -865,6 +1069,9 @@ class TortureReport:
         self.check_mismatches += r.check_mismatches
         self.clean_while_differing += r.clean_while_differing
         self.resync_outside_marked += r.resync_outside
+        self.forced_starts += r.forced_starts
+        self.excused_bytes += v.excused * SECTOR
+        self.excused_wrong_bytes += v.excused_wrong * SECTOR
         self.errors += len(r.errors)
         self.seconds += r.seconds
         if not r.ok:
@@ -887,6 +1094,9 @@ class TortureReport:
             "check_mismatches": self.check_mismatches,
             "clean_while_differing": self.clean_while_differing,
             "resync_outside_marked": self.resync_outside_marked,
+            "forced_starts": self.forced_starts,
+            "excused_bytes": self.excused_bytes,
+            "excused_wrong_bytes": self.excused_wrong_bytes,
             "unflushed_writes_at_cuts": self.unflushed_writes_at_cuts,
             "unflushed_writes_lost": self.unflushed_writes_lost,
             "errors": self.errors,
@@ -962,12 +1172,18 @@ def format_report(report: TortureReport) -> str:
         "read back while running",
         f"  lost: {report.bytes_lost} bytes, garbage: {report.bytes_garbage} bytes, "
         f"unstable reads: {report.unstable_sectors} sectors",
-        f"  mismatches after sync: {report.mismatches} sectors (check: {report.check_mismatches})",
-        f"  llbitmap: {report.clean_while_differing} chunks clean while copies differed, "
-        f"{report.resync_outside_marked} chunks resynced outside the marked ones",
+        f"  mismatches after sync (copies differ / parity inconsistent): {report.mismatches} sectors "
+        f"(check: {report.check_mismatches})",
+        f"  llbitmap: {report.clean_while_differing} chunks clean while copies differed or parity was "
+        f"inconsistent, {report.resync_outside_marked} chunks resynced outside the marked ones",
         "  cut at: " + ", ".join(f"{k} {v}" for k, v in d["cut_kinds"].items()),
         "  cut during: " + ", ".join(f"{k} {v}" for k, v in d["cut_phases"].items()),
     ]
+    if report.forced_starts:
+        lines.append(
+            f"  raid4/5 write hole: {report.forced_starts} dirty degraded starts forced (md refuses them), "
+            f"{report.excused_bytes} bytes excused, {report.excused_wrong_bytes} of them read back wrong"
+        )
     if d["fault_kinds"]:
         lines.append("  faults: " + ", ".join(f"{k} {v}" for k, v in d["fault_kinds"].items()))
     lines.append("  configs: " + ", ".join(f"{k} {v}" for k, v in d["by_config"].items()))

@@ -41,7 +41,7 @@ def new_array(
         level=level,
         raid_devices=disks,
         layout=parse_layout(level, layout),
-        chunk_sectors=chunk if level == 10 else 0,
+        chunk_sectors=chunk if level in (4, 5, 10) else 0,
         bitmap=kind,
         assume_clean=kind is not BitmapKind.LOCKLESS,
         name="tt",

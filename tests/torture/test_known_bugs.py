@@ -14,11 +14,12 @@ from llraid.array import Array, RdevState
 from llraid.bitmap.base import SyncKind
 from llraid.bitmap.lockless import LocklessBitmap
 from llraid.device import SECTOR
-from llraid.errors import LlraidError
+from llraid.errors import DirtyDegradedError, LlraidError
 from llraid.format.superblock import Feature
 from llraid.member import open_member
+from llraid.raid.parity import Raid5Runtime
 from llraid.sync import run_sync, sync_until_idle
-from llraid.torture.simdev import CutPlan, Layout, SimWorld
+from llraid.torture.simdev import CutPlan, Fault, Layout, SimWorld
 from tests.torture.helpers import blank, new_array, pattern, poke, rewrite_sb
 
 
@@ -218,3 +219,48 @@ def test_two_interrupted_superblock_updates_still_assemble(tmp_path: Path) -> No
     b.crash()
     with assemble(paths) as c:
         assert c.read(0, 8) in (pattern(1, 8), pattern(2, 8))
+
+
+def test_a_read_error_while_updating_parity_fails_the_member_not_the_write(tmp_path: Path) -> None:
+    """Found by the torture runs (fixed): a raid5 write that had to read a member for its parity
+    (reconstruct-write here) failed that member and then failed the whole write ("retry the
+    write"), although the array could still take it degraded, as md's second pass over the
+    stripe does."""
+    paths = new_array(tmp_path, level=5, disks=3, bitmap="none", chunk=16)
+    lay = Layout.of(paths[0])
+    world = SimWorld(0, survive=1.0, layout=lay)
+    a = assemble(paths, world)
+    a.write(0, pattern(1, 32), fua=True)  # stripe row 0: both data blocks
+    pers = a.personality
+    assert isinstance(pers, Raid5Runtime)
+    other, _, ms = pers.geo.compute_sector(16)  # the block a write of sectors 0..7 reads
+    victim = a.by_role(other)
+    assert victim is not None
+    lo = lay.data_start + ms * SECTOR
+    world.add_fault(victim.path, Fault("read", lo, lo + 16 * SECTOR))
+    a.write(0, pattern(2, 8))
+    assert victim.state is RdevState.FAULTY
+    assert a.read(0, 32) == pattern(2, 8) + pattern(1, 24)
+    a.stop()
+
+
+def test_a_dirty_raid5_with_a_member_still_recovering_is_not_started(tmp_path: Path) -> None:
+    """Found by the torture runs (fixed): a raid5 that crashed while a member was being recovered was
+    started without --force, because the member had a slot; above its recovery offset its blocks can
+    only be rebuilt from parity, and a write torn by the crash leaves that parity stale (the write
+    hole), so recovery rebuilt garbage. md counts such a member as missing: "cannot start dirty
+    degraded array"."""
+    paths = new_array(tmp_path, level=5, disks=3, bitmap="lockless", chunk=16)
+    a = assemble(paths)
+    a.write(0, pattern(1, 64), fua=True)
+    a.fail(2)
+    a.remove(2)
+    a.write(0, pattern(2, 64), fua=True)  # degraded: role 2 must catch up
+    a.re_add(paths[2])
+    a.crash()  # unclean, before the recovery ran
+    with pytest.raises(DirtyDegradedError):
+        assemble(paths, run=True)
+    with Array.assemble(paths, run=True, force=True, bitmap_threads=False) as b:
+        assert b.read(0, 64) == pattern(2, 64)
+        sync_until_idle(b)
+        assert run_sync(b, SyncKind.CHECK).mismatches == 0

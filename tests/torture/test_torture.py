@@ -1,13 +1,16 @@
 """Randomised torture runs: power cuts, member faults, then proof that nothing is lost.
 
-Each configuration (raid1, raid10 n2/f2/o2 x no bitmap / classic / llbitmap) gets a few seeded
-runs of each mode. A run fails on any acknowledged-and-flushed (or FUA) write that does not read
-back, any garbage, any read that changes when resync runs, copies that still differ after
-resync/recovery (direct comparison and ``check``), an llbitmap chunk Clean on disk while its copies
-differ, a resync outside the chunks llbitmap marked, or any unexpected engine error.
+Each configuration (raid1, raid10 n2/f2/o2, raid5 on 3 and 4 members, raid4 x no bitmap /
+classic / llbitmap) gets a few seeded runs of each mode. A run fails on any
+acknowledged-and-flushed (or FUA) write that does not read back, any garbage, any read that
+changes when resync runs, copies that still differ (raid4/5: parity that is still inconsistent)
+after resync/recovery (direct comparison and ``check``), an llbitmap chunk Clean on disk while its
+copies differ or its parity is inconsistent, a resync outside the chunks llbitmap marked, or any
+unexpected engine error.
 
-The harness is also shown to have teeth: with flushes that do nothing, or with resync switched
-off, the same runs report lost data and differing copies.
+The harness is also shown to have teeth: with flushes that do nothing, with resync switched off,
+with raid5 parity never updated or with llbitmap's state written after the data, the same runs
+report lost data, differing copies, inconsistent parity and bitmap states that lie.
 """
 
 from __future__ import annotations
@@ -17,8 +20,11 @@ import pytest
 import llraid.sync
 import llraid.torture.runner as runner
 from llraid.array import Array
+from llraid.bitmap.lockless import LocklessBitmap
 from llraid.errors import LlraidError
-from llraid.torture import BITMAPS, LEVELS, Config, format_report, run_one, run_torture
+from llraid.raid.base import ArrayIO
+from llraid.raid.parity import Block, Raid5Runtime
+from llraid.torture import BITMAPS, LEVELS, Config, Oracle, format_report, run_one, run_torture
 
 CONFIGS = [Config(lv, bm) for lv in LEVELS for bm in BITMAPS]
 
@@ -66,7 +72,7 @@ def test_runs_are_reproducible_from_their_seed() -> None:
 
 def test_unknown_level_or_bitmap_is_refused() -> None:
     with pytest.raises(LlraidError):
-        run_torture(1, 1, levels=["raid5"])
+        run_torture(1, 1, levels=["raid6"])
     with pytest.raises(LlraidError):
         run_torture(1, 1, bitmaps=["bogus"])
 
@@ -89,3 +95,54 @@ def test_many_runs() -> None:
     report = run_torture(240, 99)
     assert report.ok, format_report(report)
     assert report.cuts >= 300
+
+
+def test_a_missing_parity_resync_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "needed_sync", lambda array: None)
+    monkeypatch.setattr(llraid.sync, "needed_sync", lambda array: None)
+    report = run_torture(12, 5, mode="cut", levels=["raid5"], bitmaps=["none"])
+    assert report.mismatches > 0 and report.check_mismatches > 0, format_report(report)
+
+
+def _parity_never_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deliberately broken engine: raid4/5 writes data, and never the parity."""
+    write = Raid5Runtime._write
+
+    def data_only(self: Raid5Runtime, io: ArrayIO, role: int, ms: int, block: Block, fua: bool) -> None:
+        if role != self.row(ms >> self.geo.chunk_shift).parity:
+            write(self, io, role, ms, block, fua)
+
+    monkeypatch.setattr(Raid5Runtime, "_write", data_only)
+
+
+def test_parity_that_is_never_updated_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    _parity_never_written(monkeypatch)
+    cut = run_torture(9, 3, mode="cut", levels=["raid5"])
+    assert cut.mismatches > 0 and cut.check_mismatches > 0, format_report(cut)
+    # a failed member's blocks are rebuilt from the stale parity: flushed data reads back wrong
+    fault = run_torture(9, 3, mode="fault", levels=["raid5"])
+    assert fault.bytes_lost > 0 and fault.bytes_garbage > 0, format_report(fault)
+
+
+def test_llbitmap_state_written_after_the_data_is_caught_for_parity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """(c) for raid4/5: without the bitmap made durable before the member writes, a cut leaves
+    chunks Clean or Unwritten on disk over data whose parity a torn write made inconsistent."""
+    monkeypatch.setattr(LocklessBitmap, "unplug", lambda self: None)
+    report = run_torture(12, 3, mode="cut", levels=["raid5", "raid4"], bitmaps=["lockless"])
+    assert report.clean_while_differing > 0, format_report(report)
+
+
+def test_the_write_hole_excuses_only_its_sectors_until_a_durable_rewrite() -> None:
+    o = Oracle(64, 1)
+    w, _ = o.new_write(0, 16)
+    o.acknowledged(w, fua=True)
+    o.power_cut()
+    o.excuse(0, 8)  # a forced dirty degraded start: sectors 0..7 could only be rebuilt from parity
+    junk = bytes([0xAB]) * (16 * 512)
+    v = o.check(0, junk, live=False)
+    assert (v.excused, v.excused_wrong) == (8, 8)
+    assert (v.required, v.lost, v.garbage) == (8, 8, 8)  # sectors 8..15 are checked as always
+    w2, _ = o.new_write(0, 4)
+    o.acknowledged(w2, fua=True)  # durable again: checked again
+    v = o.check(0, junk, live=False)
+    assert (v.excused, v.required, v.lost) == (4, 12, 12)
