@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -65,6 +67,52 @@ class RowMap:
 
     data: tuple[int, ...]  # role of each data block, in array (logical) order
     parity: int  # role of the parity block
+
+
+class StripeGeometry(Protocol):
+    """What cutting writes into stripe rows needs of a raid4/5/6 geometry."""
+
+    @property
+    def chunk_sectors(self) -> int: ...
+
+    @property
+    def chunk_shift(self) -> int: ...
+
+    @property
+    def data_disks(self) -> int: ...
+
+
+Segment = tuple[int, int, dict[int, Block]]  # (member sector, sectors, {data index: new block})
+
+
+def row_writes(geo: StripeGeometry, sector: int, data: memoryview) -> Iterator[tuple[int, list[Segment]]]:
+    """A write of whole sectors cut into stripe rows, and each row into segments in which every
+    data block is either wholly written or untouched: ``(stripe, segments)`` per row."""
+    chunk = geo.chunk_sectors
+    width = chunk * geo.data_disks
+    end = sector + len(data) // SECTOR
+    pos = sector
+    while pos < end:
+        stripe = pos // width
+        row_start, row_end = stripe * width, min(end, (stripe + 1) * width)
+        spans: dict[int, tuple[int, int]] = {}  # data index -> written part, chunk-relative
+        for i in range(geo.data_disks):
+            lo = max(pos, row_start + i * chunk) - row_start - i * chunk
+            hi = min(row_end, row_start + (i + 1) * chunk) - row_start - i * chunk
+            if lo < hi:
+                spans[i] = (lo, hi)
+        cuts = sorted({0, chunk} | {x for span in spans.values() for x in span})
+        segments: list[Segment] = []
+        for a, b in itertools.pairwise(cuts):
+            new: dict[int, Block] = {}
+            for i, (lo, hi) in spans.items():
+                if lo <= a and b <= hi:
+                    off = (row_start + i * chunk + a - sector) * SECTOR
+                    new[i] = as_block(data[off : off + (b - a) * SECTOR])
+            if new:
+                segments.append(((stripe << geo.chunk_shift) + a, b - a, new))
+        yield stripe, segments
+        pos = row_end
 
 
 class StripeLocks:
@@ -172,39 +220,10 @@ class Raid5Runtime(Raid5):
     # ---- writes -----------------------------------------------------------------------------
 
     def make_write(self, io: ArrayIO, sector: int, data: memoryview, fua: bool) -> None:
-        geo = self.geo
-        width = geo.chunk_sectors * geo.data_disks
-        end = sector + len(data) // SECTOR
-        pos = sector
-        while pos < end:
-            stripe = pos // width
-            row_end = min(end, (stripe + 1) * width)
+        for stripe, segments in row_writes(self.geo, sector, data):
             with self._locks.of(stripe):
-                self._write_row(io, stripe, pos, row_end, data[(pos - sector) * SECTOR :], fua)
-            pos = row_end
-
-    def _write_row(self, io: ArrayIO, stripe: int, start: int, end: int, data: memoryview, fua: bool) -> None:
-        """Array sectors ``[start, end)`` of one stripe row; ``data`` starts at ``start``."""
-        geo = self.geo
-        chunk = geo.chunk_sectors
-        row_start = stripe * geo.data_disks * chunk
-        # Each data block's written part, as chunk-relative sectors [lo, hi).
-        spans: dict[int, tuple[int, int]] = {}
-        for i in range(geo.data_disks):
-            lo = max(start, row_start + i * chunk) - row_start - i * chunk
-            hi = min(end, row_start + (i + 1) * chunk) - row_start - i * chunk
-            if lo < hi:
-                spans[i] = (lo, hi)
-        cuts = sorted({0, chunk} | {x for span in spans.values() for x in span})
-        base_ms = stripe << geo.chunk_shift
-        for a, b in itertools.pairwise(cuts):
-            new: dict[int, Block] = {}
-            for i, (lo, hi) in spans.items():
-                if lo <= a and b <= hi:
-                    off = (row_start + i * chunk + a - start) * SECTOR
-                    new[i] = as_block(data[off : off + (b - a) * SECTOR])
-            if new:
-                self._write_segment(io, self.row(stripe), base_ms + a, b - a, new, fua)
+                for ms, n, new in segments:
+                    self._write_segment(io, self.row(stripe), ms, n, new, fua)
 
     def _write_segment(
         self, io: ArrayIO, rm: RowMap, ms: int, n: int, new: dict[int, Block], fua: bool

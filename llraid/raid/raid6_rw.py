@@ -16,7 +16,6 @@ has not been built.)
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +26,7 @@ from llraid.raid import gf256
 from llraid.raid.base import ArrayIO, SyncIO
 from llraid.raid.gf256 import Block
 from llraid.raid.layout import StripeLayout
-from llraid.raid.parity import PAGE_SECTORS, SECTOR, StripeLocks, as_block
+from llraid.raid.parity import PAGE_SECTORS, SECTOR, StripeLocks, row_writes
 from llraid.raid.raid6 import Raid6
 from llraid.rdev import Rdev
 
@@ -151,38 +150,11 @@ class Raid6Runtime(Raid6):
     # ---- writes -----------------------------------------------------------------------------
 
     def make_write(self, io: ArrayIO, sector: int, data: memoryview, fua: bool) -> None:
-        geo = self.geo
-        width = geo.chunk_sectors * geo.data_disks
-        end = sector + len(data) // SECTOR
-        pos = sector
-        while pos < end:
-            stripe = pos // width
-            row_end = min(end, (stripe + 1) * width)
+        for stripe, segments in row_writes(self.geo, sector, data):
             with self._locks.of(stripe):
-                self._write_row(io, stripe, pos, row_end, data[(pos - sector) * SECTOR :], fua)
-            pos = row_end
-
-    def _write_row(self, io: ArrayIO, stripe: int, start: int, end: int, data: memoryview, fua: bool) -> None:
-        geo = self.geo
-        chunk = geo.chunk_sectors
-        row_start = stripe * geo.data_disks * chunk
-        spans: dict[int, tuple[int, int]] = {}
-        for k in range(geo.data_disks):
-            lo = max(start, row_start + k * chunk) - row_start - k * chunk
-            hi = min(end, row_start + (k + 1) * chunk) - row_start - k * chunk
-            if lo < hi:
-                spans[k] = (lo, hi)
-        cuts = sorted({0, chunk} | {x for span in spans.values() for x in span})
-        row = geo.stripe(stripe)
-        base_ms = stripe << geo.chunk_shift
-        for a, b in itertools.pairwise(cuts):
-            new: dict[int, Block] = {}
-            for k, (lo, hi) in spans.items():
-                if lo <= a and b <= hi:
-                    off = (row_start + k * chunk + a - start) * SECTOR
-                    new[k] = as_block(data[off : off + (b - a) * SECTOR])
-            if new:
-                self._write_segment(io, row, base_ms + a, b - a, new, fua)
+                row = self.geo.stripe(stripe)
+                for ms, n, new in segments:
+                    self._write_segment(io, row, ms, n, new, fua)
 
     def _write_segment(
         self, io: ArrayIO, row: StripeLayout, ms: int, n: int, new: dict[int, Block], fua: bool
