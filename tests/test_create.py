@@ -442,6 +442,11 @@ def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
         ),
         (["--level", "1", "--size", "63K"], "a raid1 needs at least 65536 bytes (64K) per member"),
         (["--level", "10", "--chunk", "64K", "--size", "63K"], "(near=2, 64K chunks)"),
+        (["--level", "5", "--chunk", "0"], "chunk size must be a power of two from 4K to 512G, not 0 bytes"),
+        (
+            ["--level", "6", "--size", "1"],
+            "a raid6 (512K chunks) needs at least 524288 bytes (512K) per member",
+        ),
     ],
     ids=[
         "chunk-0",
@@ -455,6 +460,8 @@ def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
         "size-f2",
         "size-raid1",
         "size-chunk64",
+        "raid5-chunk-0",
+        "raid6-size-1",
     ],
 )
 def test_cli_refuses_bad_numbers(
@@ -474,6 +481,14 @@ def test_cli_one_device_needs_force(tmp_path: Path, capsys: pytest.CaptureFixtur
     rc, err = cli(capsys, "create", "--level", "10", "--force", p)
     assert rc == 1 and "a raid10 with 2 copies (near=2) needs at least 2 raid devices, not 1" in err
     assert cli(capsys, "create", "--level", "1", "--force", p)[0] == 0
+
+
+def test_cli_too_few_devices(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    paths = members(tmp_path, [16 * MiB] * 3)
+    rc, err = cli(capsys, "create", "--level", "10", "--layout", "n3", "-n", "2", *paths[:2])
+    assert rc == 1 and "a raid10 with 3 copies (near=3) needs at least 3 raid devices, not 2" in err
+    rc, err = cli(capsys, "create", "--level", "6", *paths)
+    assert rc == 1 and "raid6 needs at least 4 raid devices, not 3" in err
 
 
 def test_too_small_member_is_named_with_its_size_and_the_minimum(
@@ -499,8 +514,11 @@ def test_too_small_member_is_named_with_its_size_and_the_minimum(
         spec(10, 4, layout="f2"),
         spec(10, 4, layout="o2", chunk_sectors=128),
         spec(10, 3, layout="n3", chunk_sectors=8),
+        spec(5, 3),
+        spec(6, 4, chunk_sectors=8),
+        spec(4, 3, assume_clean=True),
     ],
-    ids=["raid1", "raid10n2", "raid10f2", "raid10o2-64K", "raid10n3-4K"],
+    ids=["raid1", "raid10n2", "raid10f2", "raid10o2-64K", "raid10n3-4K", "raid5", "raid6-4K", "raid4"],
 )
 def test_minimum_member_size_is_exact(tmp_path: Path, s: CreateSpec) -> None:
     """The minimum create reports is the smallest member it accepts, and the array it makes works."""

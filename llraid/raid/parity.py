@@ -134,10 +134,11 @@ class Raid5Runtime(Raid5):
 
     def __post_init__(self) -> None:
         geo = self.geo
-        # Which role holds which block repeats every raid_disks rows (parity rotates).
+        # Which role holds which block repeats every raid_disks rows (parity rotates); a tiny
+        # array has fewer rows than that, and only those exist.
         rows = []
         width = geo.chunk_sectors * geo.data_disks
-        for stripe in range(geo.raid_disks):
+        for stripe in range(min(geo.raid_disks, geo.array_sectors // width)):
             data = []
             for i in range(geo.data_disks):
                 dd, pd, _ = geo.compute_sector(stripe * width + i * geo.chunk_sectors)
