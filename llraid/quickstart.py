@@ -361,9 +361,11 @@ def _serve(lay: Layout, array: Array, made: Made) -> None:
 
     def ready(sv: Service) -> None:
         made.served = True
+        if made.files:  # first: the creation came before the assembly the held messages tell of
+            print(
+                f"llraid: created raid10 (n2, lockless bitmap) on {MEMBERS} members in {lay.data}", flush=True
+            )
         logs.setup().replay()  # assembly's messages, held back until the array is served
-        if made.files:
-            print(f"llraid: created raid10 (n2, lockless bitmap) on {MEMBERS} members in {lay.data}")
         print(
             f"llraid: serving {array.uuid} (raid{array.level}, {array.array_bytes} bytes) at {lay.uri}\n"
             f"llraid: control socket {sv.control_path}\n{banner(lay)}",

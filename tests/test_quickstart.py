@@ -109,6 +109,7 @@ def test_quickstart_creates_then_assembles(tmp_path: Path) -> None:
     try:
         out = "".join(lines)
         assert "created raid10" in out and "nbdinfo 'nbd+unix:///?socket=" in out
+        assert out.index("created raid10") < out.index("assembled from 4 of 4") < out.index("serving")
         assert out.index("serving") < out.index("connect with")  # help only once the array is up
         assert nbd_size(str(data / "array.nbd")) == 4 * (64 << 20 >> 20) // 2 * (1 << 20) - (4 << 20)
         # private: members 0600, the directory quickstart made 0700 (the umask was 022)
