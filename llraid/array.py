@@ -70,6 +70,7 @@ __all__ = ["BUCKET_SIZE", "Array", "ArrayCounters", "IOFailure", "Rdev", "RdevSt
 
 log = logging.getLogger("llraid.array")
 
+EVENTS_LIMIT = (1 << 64) - 1 - (1 << 32)  # sb.events is a u64; leave room for 2^32 more updates
 SAFE_MODE_DELAY = 0.2  # md's default: mark clean 200 ms after the last write
 
 
@@ -152,6 +153,12 @@ class Array:
         asm = validate(members, force=force)
         ref = asm.sb
         runtime_personality(ref)  # refuses levels the running array cannot serve, before anything
+        if not readonly and ref.events > EVENTS_LIMIT:
+            # every superblock update adds one: a counter this close to 2^64 (only damage puts it
+            # there) would overflow in the middle of a write
+            raise AssemblyError(
+                f"events {ref.events} is at the counter's limit: the array cannot record changes"
+            )
         rdevs: list[Rdev] = []
         for role, slot in sorted(asm.slots.items()):
             m = slot.member

@@ -151,3 +151,21 @@ def test_bad_size_argument(capsys: pytest.CaptureFixture[str]) -> None:
         main(["cat", "x", "--offset", "lots"])
     assert e.value.code == 2
     assert "not a size" in capsys.readouterr().err
+
+
+def test_events_at_the_counter_limit(
+    raid1: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A superblock (checksum fixed) whose events counter cannot take another update: refused for
+    read-write use before anything is written (it overflowed in the middle of a write); read-only
+    use still works."""
+    for p in raid1:
+        patch(p, SB_AT + 200, struct.pack("<Q", (1 << 64) - 1), fix_checksum=True)
+    before = [digest(p) for p in raid1]
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"x" * 4096)
+    rc, _, err = run(capsys, "write", *map(str, raid1), "-i", str(src))
+    assert rc == 1 and "events 18446744073709551615 is at the counter's limit" in one_error_line(err)
+    assert [digest(p) for p in raid1] == before
+    assert run(capsys, "cat", *map(str, raid1), "--length", "4096", "-o", str(tmp_path / "out"))[0] == 0
+
