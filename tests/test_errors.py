@@ -169,3 +169,11 @@ def test_events_at_the_counter_limit(
     assert [digest(p) for p in raid1] == before
     assert run(capsys, "cat", *map(str, raid1), "--length", "4096", "-o", str(tmp_path / "out"))[0] == 0
 
+
+def test_dev_number_no_superblock_can_hold(raid1: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """dev_number 0xfffffff0 (checksum fixed): refused as damaged, not a 32 GiB role table."""
+    patch(raid1[1], SB_AT + 160, struct.pack("<I", 0xFFFFFFF0), fix_checksum=True)
+    before = [digest(p) for p in raid1]
+    rc, _, err = run(capsys, "write", *map(str, raid1), "-i", "/dev/null")
+    assert rc == 1 and "dev_number 4294967280 is out of range (at most 1919)" in one_error_line(err)
+    assert [digest(p) for p in raid1] == before

@@ -260,6 +260,9 @@ class Superblock1:
             problems.append(f"component size {self.size} exceeds the member's data size {self.data_size}")
         if not 0 < self.raid_disks <= MAX_DEV_LIMIT:
             problems.append(f"raid_disks {self.raid_disks} is out of range")
+        if self.dev_number >= MAX_DEV_LIMIT:
+            # no superblock could hold this member's role (dev_roles[dev_number])
+            problems.append(f"dev_number {self.dev_number} is out of range (at most {MAX_DEV_LIMIT - 1})")
         if self.minor_version != 0 and self.data_offset < self.super_offset + (self.size_bytes + 511) // 512:
             problems.append(f"data_offset {self.data_offset} overlaps the superblock")
         if self.feature_map & Feature.RAID0_LAYOUT and self.level != 0:
