@@ -115,6 +115,18 @@ def row_writes(geo: StripeGeometry, sector: int, data: memoryview) -> Iterator[t
         pos = row_end
 
 
+def write_role(io: ArrayIO, role: int, ms: int, block: Block, fua: bool) -> None:
+    """A block to the member serving ``role`` and to its replacement being built, if any; a
+    member whose write fails is failed (IOFailure if the array cannot lose it)."""
+    for d in (io.by_role(role), io.replacement(role)):
+        if d is None:
+            continue
+        try:
+            io.write_member(d, ms, block.tobytes(), fua=fua)
+        except DeviceError as e:
+            io.fail(d, reason=str(e))
+
+
 class StripeLocks:
     """A fixed set of locks, a stripe row hashed onto one (rows far apart may share)."""
 
@@ -287,13 +299,7 @@ class Raid5Runtime(Raid5):
             raise _ReadFailed from None
 
     def _write(self, io: ArrayIO, role: int, ms: int, block: Block, fua: bool) -> None:
-        for d in (io.by_role(role), io.replacement(role)):
-            if d is None:
-                continue
-            try:
-                io.write_member(d, ms, block.tobytes(), fua=fua)
-            except DeviceError as e:
-                io.fail(d, reason=str(e))
+        write_role(io, role, ms, block, fua)
 
     # ---- sync -------------------------------------------------------------------------------
 

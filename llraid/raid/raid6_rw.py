@@ -26,7 +26,7 @@ from llraid.raid import gf256
 from llraid.raid.base import ArrayIO, SyncIO
 from llraid.raid.gf256 import Block
 from llraid.raid.layout import StripeLayout
-from llraid.raid.parity import PAGE_SECTORS, SECTOR, StripeLocks, row_writes
+from llraid.raid.parity import PAGE_SECTORS, SECTOR, StripeLocks, row_writes, write_role
 from llraid.raid.raid6 import Raid6
 from llraid.rdev import Rdev
 
@@ -168,13 +168,7 @@ class Raid6Runtime(Raid6):
         targets = [(row.data_roles[k], block) for k, block in new.items()]
         targets += [(row.p_role, p), (row.q_role, q)]
         for role, block in targets:
-            for d in (io.by_role(role), io.replacement(role)):
-                if d is None:
-                    continue
-                try:
-                    io.write_member(d, ms, block.tobytes(), fua=fua)
-                except DeviceError as e:
-                    io.fail(d, reason=str(e))
+            write_role(io, role, ms, block, fua)
 
     # ---- sync -------------------------------------------------------------------------------
 
